@@ -1,0 +1,1 @@
+"""HTML reports from the results store."""

@@ -1,0 +1,1 @@
+"""Distributed, stateful parts of structure-sweep."""

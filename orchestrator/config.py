@@ -1,0 +1,114 @@
+"""Strict loading of typed configs from plain dicts (parsed YAML).
+
+A config is a dataclass; :func:`from_dict` builds it from a mapping and rejects
+unknown keys, wrong types and values outside a ``Literal`` with a
+:class:`SpecError` that names the file, the key path and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from typing import Any, Literal, Union, get_args, get_origin
+
+
+class SpecError(ValueError):
+    """A sweep spec that cannot be run; the message says where and why."""
+
+    def __init__(self, message: str, *, path: str = "", source: str = ""):
+        self.path, self.source, self.reason = path, source, message
+        where = ":".join(p for p in (source, path) if p)
+        super().__init__(f"{where}: {message}" if where else message)
+
+
+def _describe(tp: Any) -> str:
+    origin = get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_describe(a) for a in get_args(tp))
+    if origin in (list, tuple):
+        return f"a list of {_describe(get_args(tp)[0])}" if get_args(tp) else "a list"
+    if origin is dict:
+        return "a mapping"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping with keys " + ", ".join(f.name for f in dataclasses.fields(tp))
+    return {type(None): "null", bool: "true/false", int: "an integer", float: "a number",
+            str: "a string", Any: "anything"}.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def _convert(value: Any, tp: Any, path: str) -> Any:
+    """Check ``value`` against the annotation ``tp`` and convert it."""
+    origin = get_origin(tp)
+    if tp is Any:
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise SpecError(f"expected {_describe(tp)}, got {value!r}", path=path)
+        return from_dict(tp, value, path=path)
+    if origin is Literal:
+        if value in get_args(tp):
+            return value
+        raise SpecError(f"{value!r} is not allowed; expected {_describe(tp)}", path=path)
+    if origin in (Union, types.UnionType):
+        for option in get_args(tp):
+            try:
+                return _convert(value, option, path)
+            except SpecError:
+                continue
+        raise SpecError(f"expected {_describe(tp)}, got {value!r}", path=path)
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise SpecError(f"expected {_describe(tp)}, got {value!r}", path=path)
+        (item_tp, *_) = get_args(tp) or (Any,)
+        items = [_convert(v, item_tp, f"{path}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise SpecError(f"expected a mapping, got {value!r}", path=path)
+        return dict(value)
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is type(None):
+        if value is None:
+            return None
+    elif isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
+        return value
+    raise SpecError(f"expected {_describe(tp)}, got {value!r}", path=path)
+
+
+def from_dict(cls: type, data: dict, *, path: str = "") -> Any:
+    """Build dataclass ``cls`` from ``data``, strictly (see module docstring)."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    for key in data:
+        if key not in fields:
+            raise SpecError(f"unknown key {key!r}{did_you_mean(key, fields)}; allowed keys: "
+                            f"{', '.join(fields)}", path=_join(path, str(key)))
+    kwargs = {}
+    for name, f in fields.items():
+        if name in data:
+            kwargs[name] = _convert(data[name], hints[name], _join(path, name))
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise SpecError(f"missing required key; expected {_describe(hints[name])}",
+                            path=_join(path, name))
+    try:
+        return cls(**kwargs)
+    except SpecError as err:  # __post_init__ checks report paths relative to cls
+        raise SpecError(err.reason, path=_join(path, err.path)) from None
+
+
+def did_you_mean(word, choices) -> str:
+    close = difflib.get_close_matches(str(word), list(choices), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path and key else path or key
+
+
+def to_dict(config: Any) -> dict:
+    """The resolved config as plain data (saved beside the results)."""
+    return dataclasses.asdict(config)

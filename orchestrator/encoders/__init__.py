@@ -1,0 +1,138 @@
+"""Encoder registry: frozen models of one modality that return every layer.
+
+An encoder name is ``<prefix>:<rest>`` (``timm:vit_small_patch16_224``,
+``hf:sentence-transformers/all-MiniLM-L6-v2``, ``synthetic:image``). Each prefix
+is registered once with :func:`register_encoder`; :func:`build_encoder` is the
+one way to make an encoder from a name.
+"""
+
+from __future__ import annotations
+
+import abc
+import hashlib
+import importlib
+import os
+import pathlib
+from typing import Any, Callable, Iterable
+
+import numpy as np
+
+# Modules whose import registers the built-in prefixes (imported lazily so a
+# spec can be validated without importing timm or transformers).
+_BUILTIN_MODULES = {
+    "timm": "orchestrator.encoders.timm_encoder",
+    "hf": "orchestrator.encoders.hf_encoder",
+    "synthetic": "orchestrator.encoders.synthetic",
+}
+_REGISTRY: dict[str, Callable[..., "Encoder"]] = {}
+# Compute dtypes an encoder may run in; features always come back as float32.
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class UnknownEncoderError(ValueError):
+    """An encoder name whose prefix no one registered."""
+
+
+class EncoderWeightsMissing(RuntimeError):
+    """The weights of a named encoder cannot be found locally or downloaded.
+
+    The message names the model and says how to provide the weights (a cache
+    under ``HF_HOME``, a local path, a pre-download command).
+    """
+
+
+class Encoder(abc.ABC):
+    """A frozen encoder that returns pooled features of every layer.
+
+    Subclasses set ``modality`` ("image" or "text"), ``num_layers``, ``dim``
+    and ``model`` (the frozen torch module, or None for synthetic encoders).
+    """
+
+    modality: str
+    num_layers: int
+    dim: int
+    model: Any = None
+
+    @abc.abstractmethod
+    def encode(self, batch: Any) -> np.ndarray:
+        """Features of a batch as float32 numpy, shape [B, num_layers, dim]."""
+
+    @abc.abstractmethod
+    def identity(self) -> dict:
+        """Everything besides the input data that determines the features:
+        name, weights revision or hash, pooling, dtype, preprocessing, layer
+        indexing. JSON-serialisable; it becomes part of the feature cache key."""
+
+
+def weights_digest(paths: Iterable[str | os.PathLike]) -> str:
+    """sha256 over the base names and bytes of ``paths``, in name order.
+
+    Identifies local weight files by content, so a copied or moved folder keeps
+    its feature-cache key while an edited one gets a new key.
+    """
+    digest = hashlib.sha256()
+    for path in sorted(map(pathlib.Path, paths), key=lambda p: p.name):
+        digest.update(path.name.encode() + b"\0")
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def torch_dtype(name: str) -> Any:
+    """The torch dtype called ``name`` (one of :data:`DTYPES`), clear error otherwise."""
+    if name not in DTYPES:
+        raise ValueError(f"unknown encoder dtype {name!r}: expected one of {list(DTYPES)}")
+    import torch  # lazily: specs are validated without importing torch
+
+    return getattr(torch, name)
+
+
+def snapshot_commit(path: str | os.PathLike | None) -> str | None:
+    """The commit hash of a Hugging Face cache path (``.../snapshots/<hash>/...``).
+
+    Files in the hub cache live under the commit they were downloaded at, so
+    the path of any loaded file tells the exact revision; None elsewhere.
+    """
+    if not path:
+        return None
+    parts = pathlib.Path(path).parts
+    for i, part in enumerate(parts[:-1]):
+        if part == "snapshots" and len(parts[i + 1]) == 40:
+            return parts[i + 1]
+    return None
+
+
+def register_encoder(prefix: str) -> Callable:
+    """Decorator: ``@register_encoder("timm")`` on a factory ``f(rest, **kw)``."""
+
+    def deco(factory: Callable[..., Encoder]) -> Callable[..., Encoder]:
+        _REGISTRY[prefix] = factory
+        return factory
+
+    return deco
+
+
+def encoder_prefixes() -> list[str]:
+    return sorted(set(_REGISTRY) | set(_BUILTIN_MODULES))
+
+
+def split_name(name: str) -> tuple[str, str]:
+    """``"timm:vit_b"`` -> ``("timm", "vit_b")``, with a clear error otherwise."""
+    prefix, sep, rest = name.partition(":")
+    if not sep or not rest or prefix not in encoder_prefixes():
+        raise UnknownEncoderError(
+            f"unknown encoder {name!r}: expected '<prefix>:<model>' with prefix one of "
+            f"{encoder_prefixes()} (e.g. 'timm:vit_small_patch16_224', "
+            f"'hf:sentence-transformers/all-MiniLM-L6-v2', 'synthetic:image')"
+        )
+    return prefix, rest
+
+
+def build_encoder(name: str, *, pool: str | None = None, dtype: str = "float32",
+                  device: str = "cpu", **options: Any) -> Encoder:
+    """Make the encoder called ``name``; ``options`` go to the model factory."""
+    prefix, rest = split_name(name)
+    if prefix not in _REGISTRY:
+        importlib.import_module(_BUILTIN_MODULES[prefix])
+    return _REGISTRY[prefix](rest, pool=pool, dtype=dtype, device=device, **options)

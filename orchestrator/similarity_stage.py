@@ -1,0 +1,72 @@
+"""Layer similarity of every (image layer, text layer) pair of a sweep.
+
+Scored once on a seeded sample of the training pairs, cached under a content
+key (feature keys + settings) in the feature cache, and written to the run's
+``layer_similarity`` table.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from orchestrator.feature_store import FeatureStore
+from orchestrator.features import FeatureSet
+from orchestrator.results import ResultsStore
+from trials.similarity import layer_similarity
+
+
+def similarity_key(features: FeatureSet, settings) -> str:
+    blob = json.dumps([features.train.image, features.train.text, dataclasses.asdict(settings)],
+                      sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+def compute_similarity(store: FeatureStore, features: FeatureSet, settings) -> np.ndarray:
+    """The [Li, Lj] similarity matrix on ``settings.n_samples`` training pairs."""
+    pairs = features.train.text_to_image
+    rng = np.random.default_rng(settings.seed)
+    rows = np.sort(rng.choice(len(pairs), size=min(settings.n_samples, len(pairs)), replace=False))
+    li, lj = features.num_layers
+
+    def stack(key: str, n_layers: int, index: np.ndarray) -> torch.Tensor:
+        return torch.stack([torch.from_numpy(np.asarray(store.layer(key, layer)[index]))
+                            for layer in range(n_layers)])
+
+    x = stack(features.train.image, li, pairs[rows])
+    y = stack(features.train.text, lj, rows)
+    return layer_similarity(x, y, metric=settings.metric, k=settings.k,
+                            normalize=settings.normalize).double().numpy()
+
+
+def similarity_stage(store: FeatureStore, results: ResultsStore, features: FeatureSet,
+                     settings, log=print) -> np.ndarray:
+    """Cached similarity matrix; recorded in the run's results store."""
+    key = similarity_key(features, settings)
+    cache = Path(store.root).parent / "similarity" / f"{key}.npy"
+    if cache.is_file():
+        matrix = np.load(cache, allow_pickle=False)
+        log(f"  layer similarity ({settings.metric}): cached")
+    else:
+        matrix = compute_similarity(store, features, settings)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(".tmp.npy")
+        np.save(tmp, matrix)
+        tmp.rename(cache)
+        log(f"  layer similarity ({settings.metric}): computed {matrix.shape[0]}x{matrix.shape[1]}")
+    stored = results.read("layer_similarity")
+    if stored.empty or key not in set(stored["similarity_key"]):
+        results.write("layer_similarity", _rows(matrix, key, settings))
+    return matrix
+
+
+def _rows(matrix: np.ndarray, key: str, settings) -> list[dict]:
+    return [{"row_key": f"{key}/{i}/{j}", "similarity_key": key, "metric": settings.metric,
+             "k": str(settings.k), "n_samples": settings.n_samples, "image_layer": i,
+             "text_layer": j, "score": float(matrix[i, j])}
+            for i in range(matrix.shape[0]) for j in range(matrix.shape[1])]

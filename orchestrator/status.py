@@ -1,0 +1,43 @@
+"""``structure-sweep status``: what a run directory holds, read from its store."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from orchestrator.results import ResultsStore, headline_metric
+
+PLAN_FILE = "plan.json"
+
+
+def write_plan(run_dir: Path, fingerprints: list[str]) -> None:
+    """Record the planned fingerprints, so status can count what is pending."""
+    tmp = run_dir / f".{PLAN_FILE}.tmp"
+    tmp.write_text(json.dumps({"fingerprints": fingerprints}))
+    tmp.replace(run_dir / PLAN_FILE)
+
+
+def run_status(run_dir: Path, metric: str | None = None) -> str:
+    if not (run_dir / "results").is_dir() and not (run_dir / PLAN_FILE).is_file():
+        raise FileNotFoundError(f"{run_dir} is not a run directory (no results/ or {PLAN_FILE}); "
+                                "pass the directory that `structure-sweep run` printed")
+    trials = ResultsStore(run_dir).read("trials")
+    planned = set(json.loads((run_dir / PLAN_FILE).read_text())["fingerprints"]) \
+        if (run_dir / PLAN_FILE).is_file() else set()
+    done = trials[trials["status"] == "done"] if not trials.empty else trials
+    failed = trials[trials["status"] == "failed"] if not trials.empty else trials
+    pending = len(planned - set(trials.get("fingerprint", [])))
+    lines = [f"run: {run_dir}",
+             f"trials: {len(done)} done, {len(failed)} failed, {pending} pending"
+             + (f" (of {len(planned)} planned)" if planned else "")]
+    metric = metric or headline_metric(done)
+    if metric:
+        best = done.loc[done[metric].idxmax()]
+        lines.append(f"best {metric}: {best[metric]:.4f}  (layers {best['config/image_layer']},"
+                     f"{best['config/text_layer']}, head {best['config/head']}, "
+                     f"λ={best['config/structure_lambda']:g}, n_train={best['config/n_train']}, "
+                     f"seed={best['config/seed']})")
+    for _, row in failed.head(5).iterrows():
+        last = (row["error"] or "").strip().splitlines()[-1:] or [""]
+        lines.append(f"failed {row['fingerprint']}: {last[0][:200]}")
+    return "\n".join(lines)

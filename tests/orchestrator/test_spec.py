@@ -1,0 +1,70 @@
+"""Spec validation: typed, strict, with file/key/allowed values in the error."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from orchestrator.config import SpecError
+from orchestrator.planning import count_trials
+from orchestrator.spec import load_spec
+
+DEMO = Path(__file__).parents[2] / "search_spaces" / "demo.yaml"
+
+
+def write_spec(tmp_path, mutate) -> Path:
+    data = yaml.safe_load(DEMO.read_text())
+    mutate(data)
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_demo_spec_loads_with_defaults():
+    spec = load_spec(DEMO)
+    assert spec.encoders.image.name == "synthetic:image"
+    assert spec.similarity.metric == "mutual_knn" and spec.similarity.k == 10
+    assert spec.tune.max_failures == 1  # a default the spec left out
+    assert spec.run_dir == (Path("runs") / "demo").resolve()
+    assert count_trials(spec, (6, 6)) == 36 + 2 * 2 * 4 * 2
+
+
+@pytest.mark.parametrize("mutate, path, words", [
+    (lambda d: d["training"].update(batch_sise=5), "training.batch_sise", ["did you mean 'batch_size'"]),
+    (lambda d: d["training"].update(epochs="forty"), "training.epochs", ["expected an integer"]),
+    (lambda d: d["encoders"]["image"].update(name="nosuch:model"), "encoders.image.name", ["timm", "hf"]),
+    (lambda d: d["encoders"]["text"].update(dtype="fp8"), "encoders.text.dtype", ["'bfloat16'"]),
+    (lambda d: d["search"][1].update(structure_lamda=[1]), "search[1].structure_lamda", ["structure_lambda"]),
+    (lambda d: d["search"][0].update(layers="everything"), "search[0].layers", ["'top3'"]),
+    (lambda d: d["search"][1].update(structure_centering=["meen"]), "search[1]", ["'standard'"]),
+    (lambda d: d["data"]["train"].update(dataset="cocoo"), "data.train.dataset", ["registered"]),
+    (lambda d: d["similarity"].update(metric="knn"), "similarity.metric", ["'mutual_knn'"]),
+    (lambda d: d.update(tune=3), "tune", ["mapping"]),
+    (lambda d: d.pop("encoders"), "encoders", ["missing required key"]),
+    (lambda d: d.update(unknown_top=1), "unknown_top", ["allowed keys"]),
+])
+def test_bad_spec_names_file_key_and_allowed_values(tmp_path, mutate, path, words):
+    spec_file = write_spec(tmp_path, mutate)
+    with pytest.raises(SpecError) as info:
+        load_spec(spec_file)
+    message = str(info.value)
+    assert message.startswith(f"{spec_file}:{path}")
+    for word in words:
+        assert word in message
+
+
+def test_yaml_is_parsed_safely(tmp_path):
+    path = tmp_path / "evil.yaml"
+    path.write_text("name: !!python/object/apply:os.system ['echo pwned']\n")
+    with pytest.raises(SpecError, match="not valid YAML"):
+        load_spec(path)
+
+
+def test_missing_spec_file(tmp_path):
+    with pytest.raises(SpecError, match="spec file not found"):
+        load_spec(tmp_path / "nope.yaml")
+
+
+def test_single_grid_mapping_and_scalars_become_lists(tmp_path):
+    spec = load_spec(write_spec(tmp_path, lambda d: d.update(search={"layers": [[0, 1]], "seed": 3})))
+    assert spec.search == [{"layers": [(0, 1)], "seed": [3], "name": ["grid[0]"]}]

@@ -1,0 +1,1 @@
+"""The science of one alignment trial: pure PyTorch, no Ray."""
