@@ -7,8 +7,10 @@ missing.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import logging
 import os
 import socket
 import time
@@ -97,9 +99,21 @@ def _run_tune(spec: SweepSpec, pending: list[PlannedTrial], features: FeatureSet
             failure_config=tune.FailureConfig(max_failures=spec.tune.max_failures),
             checkpoint_config=tune.CheckpointConfig(checkpoint_at_end=False)),
     )
-    tuner.fit()
+    with _quiet_logger("ray.tune"):  # our store replaces Tune's per-trial result files
+        tuner.fit()
     sink.flush()
     return sink.finished, sink.failed
+
+
+@contextlib.contextmanager
+def _quiet_logger(name: str):
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _put_layers(store: FeatureStore, features: FeatureSet, pending: list[PlannedTrial]) -> dict:

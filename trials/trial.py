@@ -1,0 +1,126 @@
+"""One alignment trial: subsample pairs, train the heads, evaluate.
+
+A trial is a plain function of in-memory features and a :class:`TrialConfig`;
+the orchestrator wraps it in Ray. Its flat config is what a sweep varies, so
+every field here is a possible search dimension.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+from trials.config import TRIAL_CODE_VERSION, TrialConfig  # noqa: F401 (re-exported)
+from trials.evaluate import retrieval_metrics, zero_shot_logits, zero_shot_metrics, zero_shot_weights
+from trials.heads import build_head, fit_csa
+from trials.losses import AlignmentLoss
+from trials.train import train_alignment
+
+
+@dataclass
+class ZeroShotSet:
+    """Image features of one layer [M, Di], labels [M], prompt features [C, T, Dt]."""
+
+    image: np.ndarray
+    labels: np.ndarray
+    prompts: np.ndarray
+
+
+@dataclass
+class RetrievalSet:
+    """Unique image features [M, Di], caption features [K, Dt], caption -> image."""
+
+    image: np.ndarray
+    text: np.ndarray
+    text_to_image: np.ndarray
+
+
+@dataclass
+class TrialData:
+    """Features of the trial's two layers: paired train/val rows and eval sets."""
+
+    train_image: np.ndarray
+    train_text: np.ndarray
+    val_image: np.ndarray
+    val_text: np.ndarray
+    zero_shot: dict[str, ZeroShotSet] = field(default_factory=dict)
+    retrieval: dict[str, RetrievalSet] = field(default_factory=dict)
+
+
+def subsample(n_total: int, n_train: Optional[int], seed: int) -> torch.Tensor:
+    """First ``n_train`` of a seeded permutation, as the official ``fit`` (§5.1)."""
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.randperm(n_total, generator=generator)
+    return order if n_train is None else order[: min(n_train, n_total)]
+
+
+def run_trial(data: TrialData, config: TrialConfig, *, device: str = "cpu",
+              on_epoch: Callable[[int, dict], Optional[bool]] | None = None) -> dict:
+    """Train one pair of heads and evaluate them; returns flat metrics.
+
+    Metric names: ``zs/<set>/top1``, ``zs/<set>/top1_macro``, ``zs/<set>/top5``,
+    ``ret/<set>/<protocol>/<I2T|T2I>/<R@k|P@k|MAP@k>``, plus training summary.
+    """
+    start = time.perf_counter()
+    # A copy: inputs may be read-only views (memory maps, Ray's object store).
+    to = lambda a: torch.tensor(np.asarray(a, dtype=np.float32), device=device)  # noqa: E731
+    index = subsample(len(data.train_image), config.n_train, config.seed)
+    train_image, train_text = to(data.train_image)[index], to(data.train_text)[index]
+    torch.manual_seed(config.seed)  # head initialisation
+    if config.head == "csa":
+        image_map, text_map, summary = _fit_csa(train_image, train_text, config)
+    else:
+        image_map, text_map, summary = _train_heads(train_image, train_text, data, config,
+                                                    device, on_epoch)
+    with torch.no_grad():
+        metrics = _evaluate(data, image_map, text_map, to)
+    return {**summary, **metrics, "n_train_used": len(index),
+            "train_seconds": time.perf_counter() - start}
+
+
+def _train_heads(train_image, train_text, data, config, device, on_epoch):
+    image_head = build_head(config.head, train_image.shape[1], config.out_dim,
+                            **config.head_options).to(device)
+    text_head = build_head(config.head, train_text.shape[1], config.out_dim,
+                           **config.head_options).to(device)
+    loss_fn = AlignmentLoss(**config.loss_kwargs())
+    val_image = torch.as_tensor(data.val_image, dtype=torch.float32, device=device)
+    val_text = torch.as_tensor(data.val_text, dtype=torch.float32, device=device)
+    result = train_alignment(image_head, text_head, loss_fn, train_image, train_text,
+                             val_image, val_text, config.train_config(device),
+                             on_epoch=on_epoch)
+    image_head.eval(), text_head.eval()
+    summary = {"best_val_loss": result.best_val_loss, "best_epoch": result.best_epoch,
+               "epochs_run": len(result.history), "lr_used": result.lr,
+               "stopped": result.stopped}
+    return image_head, text_head, summary
+
+
+def _fit_csa(train_image, train_text, config):
+    csa = fit_csa(train_image, train_text, config.out_dim, **config.head_options)
+    summary = {"best_val_loss": float("nan"), "best_epoch": 0, "epochs_run": 0,
+               "lr_used": float("nan"), "stopped": "closed_form"}
+    return csa.transform_x, csa.transform_y, summary
+
+
+def _evaluate(data: TrialData, image_map, text_map, to) -> dict:
+    metrics: dict[str, float] = {}
+    for name, zs in data.zero_shot.items():
+        c, t, d = zs.prompts.shape
+        prompts = text_map(to(zs.prompts).reshape(c * t, d)).reshape(c, t, -1)
+        logits = zero_shot_logits(image_map(to(zs.image)), zero_shot_weights(prompts))
+        labels = torch.as_tensor(zs.labels, device=logits.device)
+        for key, value in zero_shot_metrics(logits, labels).items():
+            metrics[f"zs/{name}/{key}"] = float(value)
+    for name, ret in data.retrieval.items():
+        image_emb, text_emb = image_map(to(ret.image)), text_map(to(ret.text))
+        for protocol in ("official", "standard"):
+            result = retrieval_metrics(image_emb, text_emb, ret.text_to_image, protocol=protocol)
+            for direction, values in result.items():
+                for key, value in values.items():
+                    metrics[f"ret/{name}/{protocol}/{direction}/{key}"] = float(value)
+    return metrics
