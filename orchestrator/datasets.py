@@ -75,7 +75,7 @@ _SPLIT_OFFSETS = {"train": 1, "val": 2, "test": 3}
 @register_dataset("synthetic")
 def synthetic(split: str, *, size: int = 2000, n_classes: int = 10, latent_dim: int = 16,
               noise_dim: int = 32, captions_per_image: int = 1, templates: int = 4,
-              class_spread: float = 0.6, caption_noise: float = 0.2, seed: int = 0) -> Split:
+              class_spread: float = 1.2, caption_noise: float = 0.2, seed: int = 0) -> Split:
     """Paired samples of latent classes for the ``synthetic:`` encoders.
 
     An image input is ``[z, p]``: the sample's semantic latent ``z`` (its class

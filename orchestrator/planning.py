@@ -66,6 +66,7 @@ def plan_trials(spec: SweepSpec, features: FeatureSet, similarity: np.ndarray) -
     for grid in spec.search:
         for combo in expand_grid(grid):
             name, rule = combo.pop("name"), combo.pop("layers")
+            combo.pop("preset", None)  # already unfolded into trial values
             for i, j in resolve_layers(rule, similarity):
                 values = {**spec.training, **combo, "image_layer": i, "text_layer": j}
                 config = from_dict(TrialConfig, values)

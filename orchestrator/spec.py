@@ -17,6 +17,7 @@ import yaml
 
 from orchestrator.config import SpecError, did_you_mean, from_dict
 from trials.config import TrialConfig
+from trials.presets import get_preset, list_presets
 
 # Layer rules a grid may use; "topK" (e.g. "top3") is also accepted.
 LAYER_RULES = ("all", "last", "best")
@@ -118,6 +119,8 @@ class SweepSpec:
 
     def __post_init__(self):
         _trial_overrides(self.training, "training")
+        if "head" in self.training:
+            _check_head(self.training["head"], "training.head")
         if isinstance(self.search, dict):
             self.search = [self.search]
         self.search = [_check_grid(g, f"search[{i}]") for i, g in enumerate(self.search)]
@@ -132,7 +135,7 @@ class SweepSpec:
 # --- search grids -------------------------------------------------------------
 
 TRIAL_FIELDS = {f.name for f in dataclasses.fields(TrialConfig)} - {"image_layer", "text_layer"}
-GRID_KEYS = ("name", "layers")
+GRID_KEYS = ("name", "layers", "preset")
 
 
 def _trial_overrides(values: dict, path: str) -> TrialConfig:
@@ -152,10 +155,25 @@ def _check_grid(grid: Any, path: str) -> dict:
     grid = {k: (v if isinstance(v, list) and k not in ("head_options",) else [v])
             for k, v in grid.items()}
     grid.setdefault("name", [path.replace("search", "grid")])
-    grid["layers"] = [_check_layers(v, f"{path}.layers") for v in grid.get("layers", ["best"])]
+    if "layers" in grid:
+        grid["layers"] = [_check_layers(v, f"{path}.layers") for v in grid["layers"]]
+    for head in grid.get("head", []):
+        _check_head(head, f"{path}.head")
+    for preset in grid.get("preset", []):
+        if preset not in list_presets():
+            raise SpecError(f"unknown preset {preset!r}{did_you_mean(preset, list_presets())}; "
+                            f"presets: {', '.join(list_presets())}", path=f"{path}.preset")
     for combo in _combinations({k: v for k, v in grid.items() if k in TRIAL_FIELDS}):
         _trial_overrides(combo, path)
     return grid
+
+
+def _check_head(name: str, path: str) -> None:
+    from trials.heads import list_heads  # imports torch: only when a spec names a head
+
+    if name not in list_heads():
+        raise SpecError(f"unknown head {name!r}{did_you_mean(name, list_heads())}; "
+                        f"heads: {', '.join(list_heads())}", path=path)
 
 
 def _check_layers(value: Any, path: str) -> Union[str, tuple]:
@@ -179,8 +197,23 @@ def _combinations(grid: dict) -> list[dict]:
 
 
 def expand_grid(grid: dict) -> list[dict]:
-    """Every combination of one grid (layers still as rules)."""
-    return _combinations(grid)
+    """Every combination of one grid, presets unfolded into trial values.
+
+    Each combination has ``name``, ``layers`` (a rule, from the grid or the
+    preset, default "best") and TrialConfig values, in increasing precedence:
+    the preset's, then the grid's own dimensions.
+    """
+    return [_unfold_preset(combo) for combo in _combinations(grid)]
+
+
+def _unfold_preset(combo: dict) -> dict:
+    preset = combo.pop("preset", None)
+    if preset is None:
+        return {"layers": "best", **combo}
+    p = get_preset(preset)
+    values = {"head": p["head"], "head_options": p["head_options"], "out_dim": p["out_dim"],
+              **p["loss"], **p["train"]}
+    return {"layers": p["layer_rule"], **values, "preset": preset, **combo}
 
 
 # --- loading -------------------------------------------------------------------

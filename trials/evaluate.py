@@ -17,7 +17,12 @@ KS = (1, 5, 10)
 
 
 def zero_shot_weights(class_template_emb: torch.Tensor) -> torch.Tensor:
-    """Class weights [C, D] from aligned prompt embeddings [C, T, D]: normalise, mean, normalise."""
+    """Class weights [C, D] from aligned prompt embeddings [C, T, D]: normalise, mean, normalise.
+
+    For CSA, STRUCTURE applies this to the RAW prompt features and then the
+    view-2 transform, without re-normalising (§4.4):
+    ``zero_shot_logits(fit.transform_x(img), fit.transform_y(zero_shot_weights(raw)))``.
+    """
     per_template = safe_normalize(class_template_emb)
     return safe_normalize(per_template.mean(dim=1))
 

@@ -3,7 +3,7 @@
 Each layer ``l`` mixes the shared semantic latent ``z`` and the modality's
 private nuisance ``p`` of an input ``[z, p]`` (see the ``synthetic`` dataset):
 ``h_l = a_l A z + sqrt(1 - a_l^2) B p`` and the feature is
-``tanh(R_l h_l)``. The shared-structure weight ``a_l`` peaks at
+``tanh(R_l h_l)``. The shared-structure weight ``a_l`` reaches ``peak`` at
 ``planted_layer`` and falls off with distance, so the planted (image, text)
 layer pair is the most similar pair and the best one to align. ``A`` and ``B``
 are shared by the layers of one encoder, so neighbouring layers resemble each
@@ -25,13 +25,15 @@ class PlantedEncoder(Encoder):
     model = None
 
     def __init__(self, modality: str, *, layers: int = 6, dim: int = 64, planted_layer: int = 3,
-                 latent_dim: int = 16, noise_dim: int = 32, floor: float = 0.15,
+                 latent_dim: int = 16, noise_dim: int = 32, floor: float = 0.15, peak: float = 0.8,
                  width: float = 1.5, seed: int = 0):
         if not 0 <= planted_layer < layers:
             raise ValueError(f"planted_layer must be in [0, {layers}), got {planted_layer}")
+        if not 0 <= floor <= peak <= 1:
+            raise ValueError(f"need 0 <= floor <= peak <= 1, got floor={floor}, peak={peak}")
         self.modality, self.num_layers, self.dim = modality, layers, dim
         self.options = dict(layers=layers, dim=dim, planted_layer=planted_layer,
-                            latent_dim=latent_dim, noise_dim=noise_dim, floor=floor,
+                            latent_dim=latent_dim, noise_dim=noise_dim, floor=floor, peak=peak,
                             width=width, seed=seed)
         rng = np.random.default_rng([seed, _MODALITIES[modality]])
         self.latent_dim = latent_dim
@@ -40,7 +42,7 @@ class PlantedEncoder(Encoder):
         self.mixers = np.stack([np.linalg.qr(rng.standard_normal((dim, dim)))[0]
                                 for _ in range(layers)])
         distance = np.arange(layers) - planted_layer
-        self.strength = floor + (1 - floor) * np.exp(-(distance / width) ** 2)
+        self.strength = floor + (peak - floor) * np.exp(-(distance / width) ** 2)
 
     def encode(self, batch) -> np.ndarray:
         x = np.asarray(batch, dtype=np.float64)

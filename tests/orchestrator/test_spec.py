@@ -7,7 +7,7 @@ import yaml
 
 from orchestrator.config import SpecError
 from orchestrator.planning import count_trials
-from orchestrator.spec import load_spec
+from orchestrator.spec import expand_grid, load_spec
 
 DEMO = Path(__file__).parents[2] / "search_spaces" / "demo.yaml"
 
@@ -38,6 +38,8 @@ def test_demo_spec_loads_with_defaults():
     (lambda d: d["search"][0].update(layers="everything"), "search[0].layers", ["'top3'"]),
     (lambda d: d["search"][1].update(structure_centering=["meen"]), "search[1]", ["'standard'"]),
     (lambda d: d["data"]["train"].update(dataset="cocoo"), "data.train.dataset", ["registered"]),
+    (lambda d: d["search"][1].update(head=["linear", "mpl"]), "search[1].head", ["'mlp'", "csa"]),
+    (lambda d: d["training"].update(head="lineer"), "training.head", ["did you mean 'linear'"]),
     (lambda d: d["similarity"].update(metric="knn"), "similarity.metric", ["'mutual_knn'"]),
     (lambda d: d.update(tune=3), "tune", ["mapping"]),
     (lambda d: d.pop("encoders"), "encoders", ["missing required key"]),
@@ -68,3 +70,28 @@ def test_missing_spec_file(tmp_path):
 def test_single_grid_mapping_and_scalars_become_lists(tmp_path):
     spec = load_spec(write_spec(tmp_path, lambda d: d.update(search={"layers": [[0, 1]], "seed": 3})))
     assert spec.search == [{"layers": [(0, 1)], "seed": [3], "name": ["grid[0]"]}]
+
+
+def test_presets_unfold_into_trial_values_and_layer_rules(tmp_path):
+    grid = {"preset": ["linear+last", "linear+similar+rs"], "seed": [0, 1]}
+    spec = load_spec(write_spec(tmp_path, lambda d: d.update(search=grid)))
+    combos = expand_grid(spec.search[0])
+    assert len(combos) == 4
+    last = next(c for c in combos if c["preset"] == "linear+last")
+    rs = next(c for c in combos if c["preset"] == "linear+similar+rs")
+    assert last["layers"] == "last" and last["structure_lambda"] == 0
+    assert rs["layers"] == "best" and rs["structure_lambda"] == 10 and rs["out_dim"] == 512
+
+
+def test_grid_dimensions_override_the_preset(tmp_path):
+    grid = {"preset": "linear+similar+rs", "structure_lambda": [1.0], "layers": "last"}
+    spec = load_spec(write_spec(tmp_path, lambda d: d.update(search=grid)))
+    (combo,) = expand_grid(spec.search[0])
+    assert combo["structure_lambda"] == 1.0 and combo["layers"] == "last"
+
+
+def test_unknown_preset_is_named(tmp_path):
+    spec_file = write_spec(tmp_path, lambda d: d.update(search={"preset": "linear+similr"}))
+    with pytest.raises(SpecError, match=r"search\[0\].preset: unknown preset 'linear\+similr' "
+                                        r"\(did you mean 'linear\+similar'\?\)"):
+        load_spec(spec_file)
