@@ -73,25 +73,26 @@ def run_trial(data: TrialData, config: TrialConfig, *, device: str = "cpu",
     torch.manual_seed(config.seed)  # head initialisation
     if config.head == "csa":
         image_map, text_map, summary = _fit_csa(train_image, train_text, config)
+        class_vectors = _csa_class_vectors(text_map)
     else:
         image_map, text_map, summary = _train_heads(train_image, train_text, data, config,
-                                                    device, on_epoch)
+                                                    to, on_epoch)
+        class_vectors = _head_class_vectors(text_map)
     with torch.no_grad():
-        metrics = _evaluate(data, image_map, text_map, to)
+        metrics = _evaluate(data, image_map, text_map, class_vectors, to)
     return {**summary, **metrics, "n_train_used": len(index),
             "train_seconds": time.perf_counter() - start}
 
 
-def _train_heads(train_image, train_text, data, config, device, on_epoch):
+def _train_heads(train_image, train_text, data, config, to, on_epoch):
+    device = train_image.device
     image_head = build_head(config.head, train_image.shape[1], config.out_dim,
                             **config.head_options).to(device)
     text_head = build_head(config.head, train_text.shape[1], config.out_dim,
                            **config.head_options).to(device)
     loss_fn = AlignmentLoss(**config.loss_kwargs())
-    val_image = torch.as_tensor(data.val_image, dtype=torch.float32, device=device)
-    val_text = torch.as_tensor(data.val_text, dtype=torch.float32, device=device)
     result = train_alignment(image_head, text_head, loss_fn, train_image, train_text,
-                             val_image, val_text, config.train_config(device),
+                             to(data.val_image), to(data.val_text), config.train_config(str(device)),
                              on_epoch=on_epoch)
     image_head.eval(), text_head.eval()
     summary = {"best_val_loss": result.best_val_loss, "best_epoch": result.best_epoch,
@@ -107,12 +108,24 @@ def _fit_csa(train_image, train_text, config):
     return csa.transform_x, csa.transform_y, summary
 
 
-def _evaluate(data: TrialData, image_map, text_map, to) -> dict:
+def _head_class_vectors(text_map):
+    """§8.1: the head maps each template; normalise, average, normalise."""
+    def class_vectors(prompts: torch.Tensor) -> torch.Tensor:
+        c, t, d = prompts.shape
+        return zero_shot_weights(text_map(prompts.reshape(c * t, d)).reshape(c, t, -1))
+    return class_vectors
+
+
+def _csa_class_vectors(text_map):
+    """STRUCTURE's CSA zero-shot: templates averaged on the raw features, then the
+    CCA transform (§4.4), with no renormalisation after it."""
+    return lambda prompts: text_map(zero_shot_weights(prompts))
+
+
+def _evaluate(data: TrialData, image_map, text_map, class_vectors, to) -> dict:
     metrics: dict[str, float] = {}
     for name, zs in data.zero_shot.items():
-        c, t, d = zs.prompts.shape
-        prompts = text_map(to(zs.prompts).reshape(c * t, d)).reshape(c, t, -1)
-        logits = zero_shot_logits(image_map(to(zs.image)), zero_shot_weights(prompts))
+        logits = zero_shot_logits(image_map(to(zs.image)), class_vectors(to(zs.prompts)))
         labels = torch.as_tensor(zs.labels, device=logits.device)
         for key, value in zero_shot_metrics(logits, labels).items():
             metrics[f"zs/{name}/{key}"] = float(value)
