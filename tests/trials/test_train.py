@@ -12,15 +12,6 @@ from trials.losses import AlignmentLoss
 from trials.train import TrainConfig, find_lr, lr_from_curve, train_alignment
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: thread start-up dominates on shared cores, so run single-threaded."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _pairs(n, seed, d_img=24, d_txt=16, latent=6, noise=0.3):
     """Paired features sharing a latent code: linearly alignable, hence separable."""
     g = torch.Generator().manual_seed(seed)

@@ -10,14 +10,6 @@ from trials.heads import fit_csa
 from trials.trial import RetrievalSet, TrialData, ZeroShotSet, run_trial, subsample
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make_data(n_classes=4, dim_img=12, dim_txt=10, seed=0) -> TrialData:
     """Class-clustered paired features through random linear maps (alignable)."""
     rng = np.random.default_rng(seed)
