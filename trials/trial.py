@@ -7,6 +7,7 @@ every field here is a possible search dimension.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -94,6 +95,11 @@ def _train_heads(train_image, train_text, data, config, to, on_epoch):
     result = train_alignment(image_head, text_head, loss_fn, train_image, train_text,
                              to(data.val_image), to(data.val_text), config.train_config(str(device)),
                              on_epoch=on_epoch)
+    if not math.isfinite(result.best_val_loss):
+        raise FloatingPointError(
+            f"training diverged: the validation loss was never finite in {len(result.history)} "
+            f"epochs (lr={result.lr:g}); lower `lr` (or set it to null for the LR finder), "
+            "`structure_lambda` or `temperature`")
     image_head.eval(), text_head.eval()
     summary = {"best_val_loss": result.best_val_loss, "best_epoch": result.best_epoch,
                "epochs_run": len(result.history), "lr_used": result.lr,

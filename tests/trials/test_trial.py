@@ -78,3 +78,8 @@ def test_on_epoch_can_stop_the_trial():
     metrics = run_trial(make_data(), TrialConfig(**CONFIG),
                         on_epoch=lambda epoch, m: seen.append(epoch) or len(seen) == 2)
     assert metrics["stopped"] == "callback" and metrics["epochs_run"] == 2
+
+
+def test_a_diverged_trial_fails_with_a_message_that_names_the_fix():
+    with pytest.raises(FloatingPointError, match="lower `lr`"):
+        run_trial(make_data(), TrialConfig(**{**CONFIG, "lr": 1e30, "epochs": 2}))
