@@ -14,14 +14,16 @@ from pathlib import Path
 import pytest
 
 _DEFAULT = Path(__file__).parents[1].parent / "shared/reference/reference_vectors.json"
+# A copy kept in the repo, so a clone without shared/ still checks every case.
+_VENDORED = Path(__file__).parent / "data" / "reference_vectors.json"
 _SUFFIX = "_ref_case"
 
 
 @functools.lru_cache(maxsize=1)
 def _load():
-    """The JSON from the default path, else from $STRUCTURE_SWEEP_REFERENCE, else None."""
+    """The JSON from $STRUCTURE_SWEEP_REFERENCE, else shared/, else the repo's copy."""
     env = os.environ.get("STRUCTURE_SWEEP_REFERENCE")
-    for path in (_DEFAULT, Path(env) if env else None):
+    for path in (Path(env) if env else None, _DEFAULT, _VENDORED):
         if path is not None and path.is_file():
             return json.loads(path.read_text())
     return None
@@ -31,7 +33,8 @@ def _load():
 def reference_vectors():
     data = _load()
     if data is None:
-        pytest.skip(f"reference vectors not found at {_DEFAULT} nor $STRUCTURE_SWEEP_REFERENCE")
+        pytest.fail(f"reference vectors not found at $STRUCTURE_SWEEP_REFERENCE, {_DEFAULT} "
+                    f"or {_VENDORED}")
     return data
 
 
