@@ -1,142 +1,266 @@
-"""The HTML report of a run: figures drawn from :mod:`dashboards.data`.
+"""The HTML report of a run: sections built from figure data, drawn, written atomically.
 
-One self-contained page (plotly.js inlined once), readable offline. A
-section without data is replaced by a one-line note, never an empty plot.
+``write_report(run_dir, output=None)`` is the entry point (the CLI and the
+sweep driver call it); ``watch`` rewrites the report while a sweep runs.
+Each ``*_section`` function turns a :class:`~dashboards.data.RunData` into
+one :class:`~dashboards.html.Section`; a section without data carries a
+one-line note instead of an empty plot.
 """
 
 from __future__ import annotations
 
-import html
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pandas as pd
-import plotly.graph_objects as go
-from plotly.subplots import make_subplots
 
 from dashboards import data as D
+from dashboards import diagnostics as G
+from dashboards import figures as F
+from dashboards import html as H
 
-PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2")
-
-
-def scaling_figure(curves: pd.DataFrame, metric: str) -> go.Figure:
-    """Metric vs n_train (log x), one line per method, ±1 std band over seeds."""
-    fig = go.Figure()
-    for index, (method, group) in enumerate(curves.groupby("method", sort=True)):
-        color = PALETTE[index % len(PALETTE)]
-        upper, lower = group["mean"] + group["std"], group["mean"] - group["std"]
-        fig.add_trace(go.Scatter(x=list(group["n_train"]) + list(group["n_train"])[::-1],
-                                 y=list(upper) + list(lower)[::-1], fill="toself",
-                                 fillcolor=color, opacity=0.15, line={"width": 0},
-                                 hoverinfo="skip", showlegend=False))
-        fig.add_trace(go.Scatter(x=group["n_train"], y=group["mean"], name=method,
-                                 mode="lines+markers", line={"color": color},
-                                 customdata=group[["std", "count"]],
-                                 hovertemplate="n=%{x}<br>mean=%{y:.3f}<br>std=%{customdata[0]:.3f}"
-                                               "<br>seeds=%{customdata[1]}"))
-    fig.update_layout(title=f"Data scaling: {metric}", xaxis_title="paired training samples",
-                      yaxis_title=metric, xaxis_type="log", template="plotly_white")
-    return fig
+MAX_SCALING_PANELS = 4
 
 
-def similarity_figure(matrix: pd.DataFrame, accuracy: pd.DataFrame, points: pd.DataFrame,
-                      corr: dict, pairs: dict, metric: str, sim_metric: str) -> go.Figure:
-    """Similarity heatmap | accuracy heatmap | scatter of similarity vs accuracy."""
-    acc = accuracy.pivot_table(index="image_layer", columns="text_layer", values="accuracy")
-    title = (f"Spearman ρ={corr['spearman_rho']:.2f} (p={corr['spearman_p']:.1e}), "
-             f"Pearson r={corr['pearson_r']:.2f} (p={corr['pearson_p']:.1e})") if corr else ""
-    fig = make_subplots(rows=1, cols=3, subplot_titles=(
-        f"layer similarity ({sim_metric})", f"{metric} of trained pairs", title or "similarity vs accuracy"))
-    fig.add_trace(go.Heatmap(z=matrix.to_numpy(), x=list(matrix.columns), y=list(matrix.index),
-                             colorscale="Viridis", colorbar={"x": 0.29, "len": 0.9},
-                             hovertemplate="image %{y}, text %{x}: %{z:.3f}<extra></extra>"), 1, 1)
-    if not acc.empty:
-        fig.add_trace(go.Heatmap(z=acc.to_numpy(), x=list(acc.columns), y=list(acc.index),
-                                 colorscale="Magma", colorbar={"x": 0.645, "len": 0.9},
-                                 hovertemplate="image %{y}, text %{x}: %{z:.3f}<extra></extra>"), 1, 2)
-    fig.add_trace(go.Scatter(x=points["score"], y=points["accuracy"], mode="markers",
-                             name="layer pairs", marker={"color": "#444"},
-                             text=[f"L{i}/T{j}" for i, j in zip(points["image_layer"], points["text_layer"])],
-                             hovertemplate="%{text}: sim=%{x:.3f}, acc=%{y:.3f}<extra></extra>"), 1, 3)
-    for (name, (i, j)), symbol in zip(pairs.items(), ("star", "x")):
-        for col in (1, 2):
-            fig.add_trace(go.Scatter(x=[j], y=[i], mode="markers", name=f"{name} pair",
-                                     marker={"symbol": symbol, "size": 14, "color": "white",
-                                             "line": {"width": 1, "color": "black"}},
-                                     showlegend=col == 1), 1, col)
-        hit = points[(points["image_layer"] == i) & (points["text_layer"] == j)]
-        fig.add_trace(go.Scatter(x=hit["score"], y=hit["accuracy"], mode="markers",
-                                 marker={"symbol": symbol, "size": 14, "color": "#d62728"},
-                                 showlegend=False), 1, 3)
-    for col in (1, 2):
-        fig.update_xaxes(title_text="text layer", row=1, col=col)
-        fig.update_yaxes(title_text="image layer", row=1, col=col)
-    fig.update_xaxes(title_text="similarity", row=1, col=3)
-    fig.update_yaxes(title_text=metric, row=1, col=3)
-    fig.update_layout(title="Does layer similarity predict alignment quality?", height=460,
-                      template="plotly_white", legend={"orientation": "h", "y": -0.2})
-    return fig
+def _headline(run: D.RunData) -> str | None:
+    return D.headline_metric(run.done) if not run.done.empty else None
 
 
-def build_sections(run: D.RunData) -> list[tuple[str, go.Figure | None, str]]:
-    """(title, figure or None, note) for each section, in page order."""
-    done, metric = run.done, D.headline_metric(run.done) if not run.done.empty else None
-    matrix = D.similarity_matrix(run.similarity)
-    pairs = D.special_pairs(matrix)
-    sections = []
-    curves = D.scaling_curves(done, metric, pairs) if metric else pd.DataFrame()
-    if not curves.empty and curves["n_train"].nunique() > 1:
-        sections.append(("Data scaling", scaling_figure(curves, metric), ""))
-    else:
-        sections.append(("Data scaling", None, "no method was trained at more than one n_train"))
-    accuracy = D.layer_accuracy(done, metric) if metric else pd.DataFrame()
-    points = D.similarity_vs_accuracy(run.similarity, accuracy)
-    if not matrix.empty and not points.empty:
-        sim_metric = run.similarity["metric"].iloc[0]
-        fig = similarity_figure(matrix, accuracy, points, D.correlation(points), pairs, metric,
-                                sim_metric)
-        sections.append(("Layer similarity vs accuracy", fig, _pairs_note(pairs, D.correlation(points))))
-    else:
-        sections.append(("Layer similarity vs accuracy", None,
-                         "needs a layer-similarity table and trained layer pairs"))
-    return sections
+# --- 1. summary and provenance ---------------------------------------------------
+
+def summary_section(run: D.RunData) -> H.Section:
+    s = G.summary(run)
+    c, t = s["counts"], s["time"]
+    counts = (f"{c['done']} done, {c['failed']} failed, {c['stopped']} stopped (early, by the "
+              f"scheduler)" + (f", {c['other']} other" if c["other"] else "")
+              + (f"; {c['planned']} planned, {c['pending']} not yet stored" if c["planned"] else ""))
+    rows = [("spec", f"{s['source'] or '—'}  (fingerprint {s['fingerprint'] or '—'})"),
+            ("run directory", s["run_dir"]), ("encoders", "; ".join(s["encoders"]) or "—"),
+            ("datasets", "; ".join(s["datasets"]) or "—"),
+            ("grids", ", ".join(s["grids"]) or "—"), ("trials", counts),
+            ("wall time", _wall(t)),
+            ("versions", ", ".join(f"{k} {v}" for k, v in s["versions"].items()))]
+    lead = ("What was run and where it stands. The spec fingerprint identifies the exact "
+            "resolved spec; versions are those recorded in the store, then of the environment "
+            "that wrote this report.")
+    return H.Section("summary", "1. Summary and provenance",
+                     [H.key_values(rows), H.spec_html(run.spec)] if run.spec else [H.key_values(rows)],
+                     lead=lead)
 
 
-def _pairs_note(pairs: dict, corr: dict) -> str:
-    parts = [f"{name} pair: image layer {i}, text layer {j}" for name, (i, j) in pairs.items()]
+def _wall(t: dict) -> str:
+    if "wall_seconds" not in t:
+        return "—"
+    start = datetime.fromtimestamp(t["first_start"], timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return (f"{H.duration(t['wall_seconds'])} from {start} "
+            f"({H.duration(t.get('compute_seconds'))} of trial time summed)")
+
+
+# --- 2. the paper table -----------------------------------------------------------
+
+def table_section(run: D.RunData, pairs: dict) -> H.Section:
+    table = D.paper_table(run.done, pairs)
+    section = H.Section("table", "2. Main table (paper style)", note=(
+        "no finished trial with zero-shot or retrieval metrics yet"))
+    if table.empty:
+        return section
+    section.lead = (
+        f"Mean over seeds at N = {table.attrs['n_train']:,} paired samples, in %. Method = head + "
+        "layer pair (similar: the most similar pair; last: the last layers) [+ R_S: STRUCTURE "
+        "regulariser, λ > 0]. Best of each column <u><b>underlined</b></u>. Improvement, as the "
+        "paper computes it: the mean over columns of (method − baseline) / baseline, baseline = "
+        "the same head on the last layers without R_S; zero-shot and retrieval separately.")
+    section.blocks = [H.paper_table_html(table, D.table_columns(run.done))]
+    return section
+
+
+# --- 3. data scaling ---------------------------------------------------------------
+
+def scaling_section(run: D.RunData, pairs: dict) -> H.Section:
+    metrics = [c.column for c in D.table_columns(run.done)][:MAX_SCALING_PANELS]
+    curves = {m: D.scaling_curves(run.done, m, pairs) for m in metrics}
+    curves = {m: c for m, c in curves.items() if not c.empty}
+    section = H.Section("scaling", "3. Data scaling", note=(
+        "no method was trained at more than one data size (n_train)"))
+    if not curves:
+        return section
+    section.lead = ("Quality vs the number of paired training samples (log x), one line per "
+                    "method, mean over seeds with a ±1 std band. The table below reads the curves "
+                    "as label efficiency: how many pairs the baseline (same head, last layers, no "
+                    "R_S) needs to match each method, interpolated in log N.")
+    headline = next(iter(curves))
+    efficiency = D.label_efficiency(curves[headline])
+    section.blocks = [F.scaling_figure(curves)]
+    section.blocks.append(H.efficiency_html(efficiency, headline) if not efficiency.empty else
+                          H.note("label efficiency needs the baseline's curve (head + last, no R_S)"))
+    return section
+
+
+# --- 4. layer similarity vs accuracy ---------------------------------------------
+
+def layers_section(run: D.RunData, pairs: dict) -> H.Section:
+    metric = _headline(run)
+    accuracy = D.layer_accuracy(run.done, metric) if metric else pd.DataFrame()
+    section = H.Section("layers", "4. Layer similarity vs accuracy", note=(
+        "needs a layer-similarity table and trained layer pairs"))
+    notes = []
+    for sim_metric in D.similarity_metrics(run.similarity, run.spec):
+        matrix = D.similarity_matrix(run.similarity, sim_metric)
+        points = D.similarity_vs_accuracy(matrix, accuracy)
+        if matrix.empty or points.empty:
+            continue
+        corr = D.correlation(points)
+        section.blocks.append(F.similarity_figure(matrix, accuracy, points, corr, pairs, metric,
+                                                  sim_metric))
+        notes.append(_correlation_note(sim_metric, D.special_pairs(matrix), corr))
+    if section.blocks:
+        section.lead = (
+            "Left: similarity of every [image layer × text layer] pair of the frozen encoders. "
+            "Middle: accuracy of a head trained on each pair (the setting covering most pairs, "
+            "mean over seeds). Right: one against the other. ★ the selected (most similar) pair "
+            "under the spec's metric, ✕ the last pair. " + " ".join(H.esc(n) for n in notes))
+    return section
+
+
+def _correlation_note(sim_metric: str, own: dict, corr: dict) -> str:
+    i, j = own["similar"]
+    text = f"{sim_metric}: most similar pair image layer {i}, text layer {j}"
     if corr:
-        parts.append(f"Spearman ρ = {corr['spearman_rho']:.3f} over {corr['n_pairs']} pairs")
-    return "; ".join(parts)
+        text += (f"; Spearman ρ = {corr['spearman_rho']:.3f} (p = {corr['spearman_p']:.2g}), "
+                 f"Pearson r = {corr['pearson_r']:.3f} (p = {corr['pearson_p']:.2g}) "
+                 f"over {corr['n_pairs']} pairs.")
+    return text
 
 
-def render_html(run: D.RunData) -> str:
-    trials = run.trials
-    counts = trials["status"].value_counts().to_dict() if not trials.empty else {}
-    summary = (f"{counts.get('done', 0)} trials done, {counts.get('failed', 0)} failed. "
-               f"Spec: {html.escape(str(run.spec.get('source', '')))}")
-    body, first = [], True
-    for title, fig, note in build_sections(run):
-        body.append(f"<section><h2>{html.escape(title)}</h2>")
-        if note:
-            body.append(f"<p class='note'>{html.escape(note)}</p>")
-        if fig is not None:
-            body.append(fig.to_html(full_html=False, include_plotlyjs=first,
-                                    config={"displaylogo": False}))
-            first = False
-        body.append("</section>")
-    name = html.escape(str(run.spec.get("name", run.run_dir.name)))
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>structure-sweep: {name}"
-            f"</title><style>body{{font-family:sans-serif;margin:2em;max-width:1400px}}"
-            f".note{{color:#555}}</style></head><body><h1>structure-sweep report: {name}</h1>"
-            f"<p>{summary}<br>Generated {time.strftime('%Y-%m-%d %H:%M:%S')}</p>"
-            + "".join(body) + "</body></html>")
+# --- 5. λ and levels sensitivity; R_S gain -------------------------------------------
+
+def sensitivity_section(run: D.RunData, pairs: dict) -> H.Section:
+    metric = _headline(run)
+    section = H.Section("sensitivity", "5. λ and levels sensitivity; R_S gain vs N", note=(
+        "no grid varied λ or the number of levels, and no setting ran both with and without R_S"))
+    if not metric:
+        return section
+    for param, only_rs in ((D.LAMBDA, False), (G.LEVELS, True)):
+        curve = G.sensitivity(run.done, pairs, param, metric, only_rs)
+        if not curve.empty:
+            section.blocks.append(F.sensitivity_figure(curve, param.removeprefix("config/"), metric))
+    gain = G.rs_gain(run.done, pairs, metric)
+    if gain["n_train"].nunique() > 1:
+        section.blocks.append(F.rs_gain_figure(gain, metric))
+    if section.blocks:
+        section.lead = ("How sensitive the result is to the regulariser's weight λ and its number "
+                        "of levels (one line per head + layer pair, at the data size where it was "
+                        "varied most; mean ± std over seeds), and how much R_S adds over the "
+                        "same setting without it as data grows.")
+    return section
 
 
-def write_report(run_dir: str | Path, output: str | Path | None = None) -> Path:
-    """Write the report of ``run_dir`` (default ``RUN_DIR/report.html``)."""
+# --- 6. search diagnostics ------------------------------------------------------------
+
+def search_section(run: D.RunData) -> H.Section:
+    metric = _headline(run)
+    section = H.Section("search", "6. Search diagnostics", note="no finished trial yet")
+    if not metric:
+        return section
+    params = G.varied_params(run.done)
+    if params:
+        frame, categories = G.parallel_data(run.done, params, metric)
+        section.blocks.append(F.parallel_figure(frame, categories, metric))
+        importance = G.param_importance(run.done, params, metric)
+        if not importance.empty:
+            section.blocks.append(F.importance_figure(importance, metric))
+    outcomes = G.outcome_distribution(run.done, metric)
+    if not outcomes.empty:
+        section.blocks.append(F.histogram_figure(outcomes, f"Distribution of {F.short(metric)}",
+                                                 F.short(metric)))
+    section.lead = ("Which searched parameters matter: parallel coordinates of the trials "
+                    "(coloured by the headline metric), Optuna's hyperparameter importance "
+                    "(PED-ANOVA on the stored trials; it asks which values the best 10% share), "
+                    "and the spread of outcomes per grid.")
+    return section
+
+
+# --- 7. sweep health --------------------------------------------------------------------
+
+def health_section(run: D.RunData) -> H.Section:
+    section = H.Section("health", "7. Sweep health", note="no trial has finished yet")
+    tl = G.timeline(run.trials)
+    if not tl.empty:
+        section.blocks.append(F.timeline_figure(tl))
+    hist = G.durations(run.trials)
+    if not hist.empty:
+        stats = G.duration_stats(run.trials)
+        section.blocks.append(F.histogram_figure(
+            hist, f"Trial durations (median {stats['median']:.1f}s, p95 {stats['p95']:.1f}s, "
+                  f"max {stats['max']:.1f}s)", "seconds"))
+    fails = G.failures(run.trials)
+    if not run.trials.empty:
+        section.blocks.append(H.failures_html(fails) if not fails.empty else
+                              H.note("no trial failed"))
+    if section.blocks:
+        section.lead = "Progress over time, how long trials take, and why any failed."
+    return section
+
+
+# --- the page ----------------------------------------------------------------------------
+
+def build_sections(run: D.RunData) -> list[H.Section]:
+    """Every section, in page order."""
+    pairs = D.run_pairs(run)
+    return [summary_section(run), table_section(run, pairs), scaling_section(run, pairs),
+            layers_section(run, pairs), sensitivity_section(run, pairs), search_section(run),
+            health_section(run)]
+
+
+def render_html(run: D.RunData, refresh: float | None = None) -> str:
+    name = run.spec.get("name", run.run_dir.name)
+    header = ("<p class='lead'>Alignment of frozen vision and language encoders with small "
+              "trained heads (STRUCTURE). Each trial trains one pair of heads on one layer pair "
+              "and evaluates zero-shot classification and retrieval.</p>")
+    if refresh:
+        header += H.note(f"The sweep is running: this page reloads every {int(refresh)} s.")
+    return H.page(f"structure-sweep report: {name}", header, build_sections(run), refresh)
+
+
+def write_report(run_dir: str | Path, output: str | Path | None = None, *,
+                 refresh: float | None = None) -> Path:
+    """Write the report of ``run_dir`` (default ``RUN_DIR/report.html``); return its path."""
     run = D.load_run(run_dir)
     output = Path(output) if output else Path(run_dir) / "report.html"
     tmp = output.with_name(f".{output.name}.tmp")
-    tmp.write_text(render_html(run), encoding="utf-8")
+    tmp.write_text(render_html(run, refresh), encoding="utf-8")
     tmp.replace(output)  # a browser never sees a half-written page
     return output.resolve()
+
+
+def sweep_finished(run_dir: str | Path) -> bool:
+    """True when every planned trial is stored (plan.json exists and nothing is pending)."""
+    run = D.load_run(run_dir)
+    counts = G.trial_counts(run)
+    return counts["planned"] > 0 and counts["pending"] == 0
+
+
+def watch(run_dir: str | Path, output: str | Path | None = None, interval: float = 30.0,
+          max_rounds: int | None = None, log=print) -> Path:
+    """Rewrite the report every ``interval`` s until the sweep finishes (or Ctrl-C).
+
+    While it runs the page reloads itself; the last write has no reload tag.
+    """
+    rounds = 0
+    try:
+        while not _ready(run_dir) or not sweep_finished(run_dir):
+            if _ready(run_dir):
+                log(f"report: {write_report(run_dir, output, refresh=interval)} (watching)")
+            rounds += 1
+            if max_rounds is not None and rounds >= max_rounds:
+                break
+            time.sleep(interval)
+    except KeyboardInterrupt:
+        log("stopped watching")
+    return write_report(run_dir, output)
+
+
+def _ready(run_dir: str | Path) -> bool:
+    # A sweep that has not written its store yet has nothing to report.
+    return (Path(run_dir) / "results").is_dir()

@@ -2,27 +2,41 @@
 
 One actor per encoder loads the model once and serves every dataset split a
 sweep needs. For each (split, field) it computes the feature key; an entry
-already in the store costs no forward pass. Features of all layers come out of
-one forward pass per batch.
+already in the store costs no forward pass, and an entry another process is
+computing right now is waited for (the store's per-key lock), not computed
+again. Features of all layers come out of one forward pass per batch and are
+streamed into the store batch by batch; the next batch's images are read in a
+background thread while the current one runs through the model.
 """
 
 from __future__ import annotations
 
+import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
-from typing import Any
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
 from orchestrator.datasets import load_split
+from orchestrator.datasets.files import open_image
 from orchestrator.encoders import build_encoder
 from orchestrator.feature_store import FeatureStore, feature_key
 
+LOG_EVERY_S = 30.0  # seconds between progress lines of one extraction
+
 
 class EncoderWorker:
-    """The actor's logic, usable without Ray (tests, a bare GPU box)."""
+    """The actor's logic, usable without Ray (tests, a bare GPU box).
 
-    def __init__(self, encoder_spec: dict, cache_root: str):
+    ``log`` (e.g. ``print``) receives a progress line every ``log_every_s``
+    seconds of an extraction and one when it ends; :meth:`progress` returns
+    the same numbers on demand (the Ray actor serves it concurrently).
+    """
+
+    def __init__(self, encoder_spec: dict, cache_root: str, *, log: Optional[Callable[[str], Any]] = None,
+                 log_every_s: float = LOG_EVERY_S):
         spec = dict(encoder_spec)
         self.batch_size = spec.pop("batch_size")
         spec.pop("num_gpus", None), spec.pop("num_cpus", None)
@@ -30,7 +44,10 @@ class EncoderWorker:
         self.encoder = build_encoder(spec.pop("name"), **spec, **options)
         self.store = FeatureStore(cache_root)
         self.forward_batches = 0  # forward passes run by this worker
+        self.log, self.log_every_s = log, log_every_s
         self._splits: dict[str, Any] = {}
+        self._progress: dict = {"task": None, "done": 0, "total": 0, "samples_per_s": 0.0,
+                                "eta_s": None, "finished": []}
 
     def identity(self) -> dict:
         return self.encoder.identity()
@@ -38,53 +55,158 @@ class EncoderWorker:
     def num_layers(self) -> int:
         return self.encoder.num_layers
 
+    def progress(self) -> dict:
+        """The running extraction (task, rows done/total, rate, ETA) and finished ones."""
+        return {**self._progress, "forward_batches": self.forward_batches, "pid": os.getpid()}
+
     def ensure(self, dataset_ref: dict, fields: list[str]) -> dict:
         """Make sure the features of ``fields`` of a split are stored.
 
-        Returns the split's metadata and, per field, its key and whether it
-        was computed now (False: a cache hit).
+        Returns the split's metadata and, per field, its key, whether it was
+        computed now (False: a cache hit, possibly after waiting for another
+        process), the seconds it took and a timing breakdown.
         """
         split = self._split(dataset_ref)
-        out = {"fingerprint": split.fingerprint, "keys": {}, "computed": {}, "seconds": {},
+        out = {"fingerprint": split.fingerprint, "keys": {}, "computed": {}, "seconds": {}, "timings": {},
                "text_to_image": np.asarray(split.text_to_image),
                "labels": None if split.labels is None else np.asarray(split.labels),
                "n_prompts": [len(p) for p in split.prompts or []]}
         for field in fields:
-            key = feature_key(self.identity(), split.fingerprint, field)
-            out["keys"][field] = key
-            fresh = not self.store.has(key, verify=True)
+            inputs = split.inputs(field)  # an unknown field fails here, before any lock
+            key = feature_key(self.identity(), split.field_fingerprint(field), field)
             start = time.perf_counter()
-            if fresh:
-                self.store.put(key, self._encode_all(split.inputs(field)),
-                               meta={"encoder": self.identity(), "dataset": dataset_ref,
-                                     "field": field})
-            out["computed"][field] = fresh
-            out["seconds"][field] = time.perf_counter() - start
+            timings = self._ensure_key(key, inputs, _task_name(dataset_ref, field),
+                                       {"encoder": self.identity(), "dataset": dataset_ref, "field": field})
+            out["keys"][field], out["computed"][field] = key, timings is not None
+            out["seconds"][field], out["timings"][field] = time.perf_counter() - start, timings
         return out
+
+    def _ensure_key(self, key: str, inputs: Sequence, task: str, meta: dict) -> Optional[dict]:
+        """Compute ``key`` unless stored (or stored meanwhile by another
+        process); returns the timings if computed, None for a cache hit."""
+        if self.store.has(key, verify=True):
+            return None
+        with self.store.lock(key):
+            if self.store.has(key, verify=True):  # another extractor finished it while we waited
+                return None
+            return self._extract(key, inputs, task, meta)
 
     def _split(self, ref: dict):
         cache_key = repr(sorted(ref.items()))
         if cache_key not in self._splits:
-            self._splits[cache_key] = load_split(ref["dataset"], ref["split"], ref["options"])
+            self._splits[cache_key] = load_split(ref["dataset"], ref["split"], ref.get("options"))
         return self._splits[cache_key]
 
-    def _encode_all(self, inputs: list) -> np.ndarray:
-        chunks = []
-        for start in range(0, len(inputs), self.batch_size):
-            chunks.append(self.encoder.encode(_batch(inputs[start:start + self.batch_size])))
-            self.forward_batches += 1
-        return np.concatenate(chunks, axis=0)
+    def _extract(self, key: str, inputs: Sequence, task: str, meta: dict) -> dict:
+        """Encode ``inputs`` batch by batch into a new store entry."""
+        n, timings, writer = len(inputs), {"load_s": 0.0, "encode_s": 0.0, "write_s": 0.0}, None
+        started = last_log = time.perf_counter()
+        self._progress.update(task=task, done=0, total=n, samples_per_s=0.0, eta_s=None)
+        try:
+            for first, batch, load_s in self._batches(inputs):
+                timings["load_s"] += load_s
+                tick = time.perf_counter()
+                features = self.encoder.encode(batch)
+                self.forward_batches += 1
+                timings["encode_s"] += (tock := time.perf_counter()) - tick
+                writer = writer or self.store.writer(key, (n, *features.shape[1:]), meta)
+                writer.write(features)
+                timings["write_s"] += time.perf_counter() - tock
+                last_log = self._report(first + len(features), started, last_log)
+            tick = time.perf_counter()
+            writer = writer or self.store.writer(key, (0, self.encoder.num_layers, self.encoder.dim), meta)
+            writer.commit()
+            timings["write_s"] += time.perf_counter() - tick
+        except BaseException:
+            if writer is not None:
+                writer.abort()
+            raise
+        timings["total_s"] = time.perf_counter() - started
+        self._finish(task, n, timings)
+        return timings
+
+    def _batches(self, inputs: Sequence):
+        """(first row, encoder-ready batch, seconds spent loading it), the next
+        batch loading in a background thread while the caller encodes."""
+        starts = list(range(0, len(inputs), self.batch_size))
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="load") as pool:
+            pending = pool.submit(self._load, inputs, starts[0]) if starts else None
+            for i, first in enumerate(starts):
+                batch, load_s = pending.result()
+                if i + 1 < len(starts):
+                    pending = pool.submit(self._load, inputs, starts[i + 1])
+                yield first, batch, load_s
+
+    def _load(self, inputs: Sequence, first: int) -> tuple[Any, float]:
+        start = time.perf_counter()
+        batch = _batch(inputs[first:first + self.batch_size], self.encoder.modality)
+        return batch, time.perf_counter() - start
+
+    def _report(self, done: int, started: float, last_log: float) -> float:
+        now = time.perf_counter()
+        rate = done / max(now - started, 1e-9)
+        total = self._progress["total"]
+        self._progress.update(done=done, samples_per_s=rate, eta_s=(total - done) / rate if rate else None)
+        if self.log and now - last_log >= self.log_every_s:
+            self.log(_progress_line(self._progress))
+            return now
+        return last_log
+
+    def _finish(self, task: str, n: int, timings: dict) -> None:
+        rate = n / max(timings["total_s"], 1e-9)
+        self._progress.update(task=None, eta_s=None)
+        self._progress["finished"] = [*self._progress["finished"],
+                                      {"task": task, "samples": n, "samples_per_s": rate, **timings}]
+        if self.log:
+            self.log(f"  {task}: {n} samples in {timings['total_s']:.1f}s ({rate:.1f}/s; "
+                     f"encode {timings['encode_s']:.1f}s, load {timings['load_s']:.1f}s, "
+                     f"write {timings['write_s']:.1f}s)")
 
 
-def _batch(items: list) -> Any:
-    """Stack array inputs (synthetic latents); pass others (PIL, str) as a list."""
-    return np.stack(items) if items and isinstance(items[0], np.ndarray) else items
+def _task_name(ref: dict, field: str) -> str:
+    return f"{ref.get('name') or ref['dataset']}/{ref['split']}/{field}"
+
+
+def _progress_line(progress: dict) -> str:
+    eta = f", ~{progress['eta_s']:.0f}s left" if progress["eta_s"] is not None else ""
+    return (f"  {progress['task']}: {progress['done']}/{progress['total']} "
+            f"({progress['samples_per_s']:.1f} samples/s{eta})")
+
+
+def _batch(items: Sequence, modality: str) -> Any:
+    """Encoder input of one batch.
+
+    Array rows (synthetic latents) are stacked; for an image encoder, file
+    paths are opened as RGB PIL images (lazy image sequences already give
+    PIL images); anything else (PIL images, strings) goes as a list.
+    """
+    items = list(items) if not isinstance(items, np.ndarray) else items
+    if len(items) and isinstance(items[0], np.ndarray):
+        return np.stack(items)
+    if modality == "image":
+        return [open_image(x) if isinstance(x, (str, os.PathLike)) else x for x in items]
+    return items
 
 
 def encoder_actor(encoder_spec, cache_root: str):
-    """Start an EncoderActor for an :class:`~orchestrator.spec.EncoderSpec`."""
-    import ray
+    """Start an EncoderActor for an :class:`~orchestrator.spec.EncoderSpec`.
 
+    The actor takes ``num_gpus``/``num_cpus`` from the spec. Its ``progress``
+    method runs in a separate concurrency group, so a driver can poll it while
+    ``ensure`` is extracting; every other method runs on one thread, in order.
+    """
     options = {"num_cpus": encoder_spec.num_cpus, "num_gpus": encoder_spec.num_gpus,
                "name": None, "max_restarts": 1}
-    return ray.remote(EncoderWorker).options(**options).remote(asdict(encoder_spec), cache_root)
+    return _ray_actor_class().options(**options).remote(asdict(encoder_spec), cache_root)
+
+
+def _ray_actor_class():
+    """EncoderWorker as a Ray actor class whose ``progress`` answers mid-extraction."""
+    import ray
+
+    class EncoderActor(EncoderWorker):
+        @ray.method(concurrency_group="monitor")
+        def progress(self) -> dict:
+            return EncoderWorker.progress(self)
+
+    return ray.remote(concurrency_groups={"monitor": 1})(EncoderActor)

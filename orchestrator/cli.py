@@ -11,17 +11,21 @@ from orchestrator.config import SpecError
 
 def _validate(args) -> int:
     from orchestrator.planning import count_trials
-    from orchestrator.spec import load_spec
+    from orchestrator.spec import load_spec, unresolved_variables
 
     spec = load_spec(args.spec)
     layers = _known_layer_counts(spec)
     try:
-        count = count_trials(spec, layers)
-        print(f"{args.spec}: OK, {count} trials in {len(spec.search)} grid(s)"
+        count, exact = count_trials(spec, layers)
+        print(f"{args.spec}: OK, {'' if exact else 'up to '}{count} trials in "
+              f"{len(spec.search)} grid(s)"
               + (f" ({layers[0]} image x {layers[1]} text layers)" if layers else ""))
     except ValueError:
         print(f"{args.spec}: OK; the trial count depends on the encoders' layer counts "
               "(known once features are extracted)")
+    missing = sorted({v for _, v in unresolved_variables(spec.raw)})
+    if missing:
+        print(f"note: set {', '.join(missing)} before `structure-sweep run` (paths are checked then)")
     return 0
 
 
@@ -36,29 +40,56 @@ def _known_layer_counts(spec) -> tuple[int, int] | None:
 
 
 def _run(args) -> int:
-    from dashboards.report import write_report
     from orchestrator.spec import load_spec
-    from orchestrator.sweep import run_sweep
 
     overrides = {"output_dir": args.out} if args.out else {}
-    spec = load_spec(args.spec, overrides)
-    print(f"sweep {spec.name!r} -> {spec.run_dir}")
+    return _sweep(load_spec(args.spec, overrides), args)
+
+
+def _resume(args) -> int:
+    from orchestrator.spec import load_run_spec
+
+    return _sweep(load_run_spec(args.run_dir), args)
+
+
+def _sweep(spec, args) -> int:
+    from dashboards.report import write_report
+    from orchestrator.sweep import run_sweep
+
+    print(f"sweep {spec.name!r} -> {spec.run_dir}", flush=True)
     outcome = run_sweep(spec, address=args.address, dashboard=args.dashboard,
-                        num_cpus=args.num_cpus)
-    print(f"trials: {outcome.finished} finished, {outcome.failed} failed, "
+                        num_cpus=args.num_cpus, metrics_port=args.metrics_port,
+                        log=lambda *a: print(*a, flush=True))
+    print(f"trials: {outcome.finished} finished"
+          + (f" ({outcome.stopped} stopped early)" if outcome.stopped else "")
+          + f", {outcome.failed} failed, "
           f"{outcome.skipped} skipped (already in the store); features: "
           f"{outcome.features_computed} computed, {outcome.features_cached} from cache")
-    if outcome.finished == 0 and outcome.features_computed == 0:
+    if outcome.finished == 0 and outcome.failed == 0 and outcome.features_computed == 0:
         print("nothing to do: every trial was already finished and no encoder ran")
-    report = write_report(outcome.run_dir)
-    print(f"report: {report}")
+    if not args.no_report:
+        print(f"report: {write_report(outcome.run_dir)}")
     return 1 if outcome.failed else 0
 
 
-def _report(args) -> int:
-    from dashboards.report import write_report
+def _compact(args) -> int:
+    from orchestrator.results import ResultsStore
 
-    print(f"report: {write_report(Path(args.run_dir), args.output)}")
+    store = ResultsStore(Path(args.run_dir))
+    for table in ("trials", "layer_similarity"):
+        before = len(store.files(table))
+        store.compact(table)
+        print(f"{table}: {before} -> {len(store.files(table))} part file(s)")
+    return 0
+
+
+def _report(args) -> int:
+    from dashboards.report import watch, write_report
+
+    if args.watch:  # rewrite the page while the sweep runs; stops when it finishes
+        print(f"report: {watch(Path(args.run_dir), args.output, args.interval)}")
+    else:
+        print(f"report: {write_report(Path(args.run_dir), args.output)}")
     return 0
 
 
@@ -74,22 +105,43 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run a sweep spec to a finished report")
     run.add_argument("spec")
-    run.add_argument("--address", help="Ray cluster to join (default: start a local one on 127.0.0.1)")
     run.add_argument("--out", help="run directory (default: the spec's output_dir or runs/<name>)")
-    run.add_argument("--dashboard", action="store_true", help="start the Ray dashboard on 127.0.0.1")
-    run.add_argument("--num-cpus", type=int, help="CPUs of a local cluster (default: all)")
+    _cluster_options(run)
     run.set_defaults(func=_run)
+    resume = sub.add_parser("resume", help="run what is missing in a run directory "
+                                           "(its spec.json; finished trials are skipped)")
+    resume.add_argument("run_dir")
+    _cluster_options(resume)
+    resume.set_defaults(func=_resume)
     validate = sub.add_parser("validate", help="check a spec and print its trial count")
     validate.add_argument("spec")
     validate.set_defaults(func=_validate)
     report = sub.add_parser("report", help="write the HTML report of a run directory")
     report.add_argument("run_dir")
     report.add_argument("-o", "--output", help="HTML file (default: RUN_DIR/report.html)")
+    report.add_argument("--watch", action="store_true",
+                        help="regenerate the report periodically until the sweep finishes")
+    report.add_argument("--interval", type=float, default=30.0,
+                        help="seconds between regenerations with --watch (default: 30)")
     report.set_defaults(func=_report)
     status = sub.add_parser("status", help="trials done/failed/pending and the best so far")
     status.add_argument("run_dir")
     status.set_defaults(func=_status)
+    compact = sub.add_parser("compact", help="merge a run's result part files (safe to interrupt)")
+    compact.add_argument("run_dir")
+    compact.set_defaults(func=_compact)
     return parser
+
+
+def _cluster_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--address", help="Ray cluster to join, e.g. auto or ray://head:10001 "
+                                          "(default: start a local one on 127.0.0.1)")
+    parser.add_argument("--dashboard", action="store_true",
+                        help="start the Ray dashboard on 127.0.0.1 and print its URL")
+    parser.add_argument("--metrics-port", type=int,
+                        help="port of a local cluster's Prometheus endpoint (/metrics)")
+    parser.add_argument("--num-cpus", type=int, help="CPUs of a local cluster (default: all)")
+    parser.add_argument("--no-report", action="store_true", help="skip the HTML report")
 
 
 def main(argv: list[str] | None = None) -> int:

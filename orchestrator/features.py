@@ -16,6 +16,8 @@ import numpy as np
 
 from trials.trial import RetrievalSet, TrialData, ZeroShotSet
 
+LOG_EVERY_S = 30.0  # seconds between progress lines while encoders extract
+
 
 @dataclass
 class SplitFeatures:
@@ -63,7 +65,7 @@ def extract_features(spec, cache_root: str, log=print) -> FeatureSet:
     splits: dict[str, dict[str, SplitFeatures]] = {"zero_shot": {}, "retrieval": {}}
     computed = cached = 0
     for group, name, futures, field_name in jobs:
-        image, text = ray.get(futures["image"]), ray.get(futures["text"])
+        image, text = _get_reporting([futures["image"], futures["text"]], actors, log)
         for out, fld in ((image, "images"), (text, field_name)):
             fresh = out["computed"][fld]
             computed, cached = computed + fresh, cached + (not fresh)
@@ -81,6 +83,22 @@ def extract_features(spec, cache_root: str, log=print) -> FeatureSet:
     return FeatureSet(train=splits["train"], val=splits["val"], zero_shot=splits["zero_shot"],
                       retrieval=splits["retrieval"], num_layers=num_layers,
                       computed=computed, cached=cached)
+
+
+def _get_reporting(refs: list, actors: dict, log, every_s: float = LOG_EVERY_S) -> list:
+    """``ray.get(refs)``, logging the actors' running extractions every ``every_s`` seconds."""
+    import ray
+
+    from orchestrator.actors import _progress_line
+
+    pending = list(refs)
+    while pending:
+        _, pending = ray.wait(pending, num_returns=len(pending), timeout=every_s)
+        if pending:  # still extracting: say where each actor is
+            for role, progress in zip(actors, ray.get([a.progress.remote() for a in actors.values()])):
+                if progress["task"]:
+                    log(f"  [{role}]" + _progress_line(progress))
+    return ray.get(refs)
 
 
 Fetch = Callable[[str, int], np.ndarray]  # (store key, layer) -> features [N, D]

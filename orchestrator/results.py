@@ -4,30 +4,65 @@ Tables live under ``<run_dir>/results/<table>/`` as Parquet part files. Each
 flush writes one new file (never an append): a dot-prefixed temporary file in
 the same directory, fsynced, then renamed, so a reader or a crash sees whole
 files only. Rows carry a unique key (``fingerprint`` for trials); readers
-deduplicate on it, keeping the first finished row, so a trial written twice
-(e.g. by a retried flush) still counts once.
+deduplicate on it, keeping a finished row ("done", then "stopped") over a
+failed one, so a trial written twice (e.g. by a retried flush, or by a
+compaction interrupted between its rename and its deletes) still counts once.
 
-Tables:
-- ``trials``: one row per finished trial. Columns ``fingerprint``, ``status``
-  ("done" | "failed"), ``error``, ``grid``, ``layer_rule``, ``config/<field>``
-  for every TrialConfig field, metric columns (``zs/...``, ``ret/...``,
-  ``best_val_loss``, ...), ``started_at``, ``finished_at``, ``host``.
-- ``layer_similarity``: one row per (image layer, text layer, metric).
+Schema of the ``trials`` table (one row per trial attempt that ended):
+
+=====================  ===================================================
+``fingerprint``        trial identity (hash of config, feature keys, code)
+``grid``               name of the search grid that asked for it
+``status``             "done" | "stopped" (early-stopped by ASHA) | "failed"
+``error``              traceback tail of a failed trial, else ""
+``retries``            times Tune retried it before this outcome
+``config/<field>``     every :class:`trials.config.TrialConfig` field
+                       (dicts such as ``head_options`` as JSON text)
+``params``             Optuna's suggestion (JSON) for optuna grids, else ""
+metrics                ``zs/<set>/top1|top1_macro|top5``,
+                       ``ret/<set>/<protocol>/<I2T|T2I>/<R@k|P@k|MAP@k>``,
+                       ``best_val_loss``, ``best_epoch``, ``epochs_run``,
+                       ``lr_used``, ``stopped`` (why training ended),
+                       ``n_train_used``; stopped trials carry ``val_loss``
+                       and ``epoch`` of their last report
+timings                ``started_at``, ``finished_at`` (unix seconds),
+                       ``train_seconds`` (trial compute), ``trial_seconds``
+                       (compute + fetching features)
+``host``               machine that ran it
+=====================  ===================================================
+
+``layer_similarity``: one row per (image layer, text layer, metric), key
+``row_key``.
+
+Compaction (:meth:`ResultsStore.compact`) merges part files into one, guarded
+by ``_compaction.json``: written before the merged file becomes visible and
+removed after the inputs are deleted, so :meth:`recover` can finish an
+interrupted compaction (merged file present: delete the inputs) or undo it
+(merged file absent: delete its temp file). Either way every row is readable
+at every moment, at most twice, and readers deduplicate.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import json
 import os
 import uuid
 from pathlib import Path
+from typing import Iterable, Iterator
 
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 TABLES = ("trials", "layer_similarity")
 KEYS = {"trials": "fingerprint", "layer_similarity": "row_key"}
+FINISHED = ("done", "stopped")  # statuses that a re-run does not repeat
+MANIFEST = "_compaction.json"
+_RANK = {"done": 0, "stopped": 1}  # which duplicate a reader keeps (lowest)
 
 
 class ResultsStore:
@@ -40,47 +75,158 @@ class ResultsStore:
         return self.root / table
 
     def write(self, table: str, rows: list[dict]) -> Path | None:
-        """Append ``rows`` as one new part file, atomically."""
+        """Add ``rows`` as one new part file, atomically."""
         if not rows:
             return None
         directory = self.table_dir(table)
         directory.mkdir(parents=True, exist_ok=True)
-        name = f"part-{uuid.uuid4().hex}.parquet"
-        tmp, final = directory / f".{name}.tmp", directory / name
-        pq.write_table(pa.Table.from_pylist(rows), tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.rename(tmp, final)
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        return final
+        return _write_atomic(directory, f"part-{uuid.uuid4().hex}.parquet",
+                             pa.Table.from_pylist(rows))
+
+    def files(self, table: str) -> list[Path]:
+        directory = self.table_dir(table)
+        return sorted(directory.glob("part-*.parquet")) if directory.exists() else []
 
     def read(self, table: str, *, columns: list[str] | None = None) -> pd.DataFrame:
-        """The table as a DataFrame, one row per key (first success, else first written)."""
-        directory = self.table_dir(table)
-        files = sorted(directory.glob("part-*.parquet")) if directory.exists() else []
+        """The table as a DataFrame, one row per key (finished first, else first written)."""
+        return self.query(table, columns=columns)
+
+    def query(self, table: str = "trials", filters: dict | None = None, *,
+              columns: Iterable[str] | None = None, where=None, dedup: bool = True) -> pd.DataFrame:
+        """Rows of ``table`` as a DataFrame, filtered while reading.
+
+        ``filters`` maps a column to a value or a list of allowed values
+        (``{"status": "done", "config/head": ["linear", "csa"]}``); ``where``
+        is any ``pyarrow.compute`` expression; ``columns`` limits what is read
+        (the key and ``status`` are always read for deduplication). Filters
+        apply before deduplication, so ``status="failed"`` returns trials
+        that have a failed attempt, even if they later finished.
+        """
+        files = self.files(table)
         if not files:
             return pd.DataFrame()
-        # Part files may have different columns (new metrics); unify by name.
-        dataset = ds.dataset([str(f) for f in files], format="parquet",
-                             schema=_unified_schema(files))
-        frame = dataset.to_table(columns=columns).to_pandas()
+        schema = _unified_schema(files)
+        dataset = ds.dataset([str(f) for f in files], format="parquet", schema=schema)
+        expr = where
+        for column, value in (filters or {}).items():
+            if column not in schema.names:
+                return pd.DataFrame(columns=list(columns) if columns else schema.names)
+            values = value if isinstance(value, (list, tuple, set)) else [value]
+            term = pc.field(column).isin(list(values))
+            expr = term if expr is None else expr & term
         key = KEYS[table]
-        if "status" in frame.columns:  # a success outranks an earlier failure
-            frame = frame.sort_values("status", key=lambda s: s != "done", kind="stable")
-        if key in frame.columns:
+        wanted = None
+        if columns is not None:
+            wanted = list(dict.fromkeys(c for c in columns if c in schema.names))
+            extra = [c for c in (key, "status") if c in schema.names and c not in wanted]
+            read_columns = wanted + extra
+        else:
+            read_columns = None
+        frame = dataset.to_table(columns=read_columns, filter=expr).to_pandas()
+        if dedup and key in frame.columns:
+            if "status" in frame.columns:  # a finished row outranks a failed one
+                rank = frame["status"].map(_RANK).fillna(len(_RANK))
+                frame = frame.iloc[rank.argsort(kind="stable")]
             frame = frame.drop_duplicates(subset=key, keep="first").reset_index(drop=True)
+        if wanted is not None:
+            frame = frame[[c for c in wanted if c in frame.columns]]
         return frame
 
     def finished_fingerprints(self) -> set[str]:
-        """Fingerprints of trials that finished successfully."""
-        frame = self.read("trials", columns=None)
-        if frame.empty:
-            return set()
-        return set(frame.loc[frame["status"] == "done", "fingerprint"])
+        """Fingerprints of trials that finished ("done" or early-"stopped")."""
+        frame = self.query("trials", {"status": list(FINISHED)}, columns=["fingerprint"])
+        return set(frame["fingerprint"]) if not frame.empty else set()
+
+    # --- compaction -------------------------------------------------------------
+
+    def compact(self, table: str = "trials", *, min_files: int = 2) -> Path | None:
+        """Merge the table's part files into one (deduplicated) file; see module doc."""
+        directory = self.table_dir(table)
+        if not directory.exists():
+            return None
+        with _lock(directory):
+            _recover(directory)
+            files = self.files(table)
+            if len(files) < min_files:
+                return None
+            merged = self.query(table)  # deduplicated
+            name = f"part-c{uuid.uuid4().hex}.parquet"
+            table_ = pa.Table.from_pandas(merged, preserve_index=False)
+            tmp = directory / f".{name}.tmp"
+            pq.write_table(table_, tmp)
+            _fsync(tmp)
+            _write_json(directory / MANIFEST, {"output": name, "inputs": [f.name for f in files]})
+            os.rename(tmp, directory / name)
+            _fsync_dir(directory)
+            for f in files:
+                f.unlink(missing_ok=True)
+            _fsync_dir(directory)
+            (directory / MANIFEST).unlink()
+            _fsync_dir(directory)
+            return directory / name
+
+    def recover(self) -> None:
+        """Finish or undo an interrupted compaction of every table."""
+        for table in TABLES:
+            directory = self.table_dir(table)
+            if (directory / MANIFEST).exists():
+                with _lock(directory):
+                    _recover(directory)
+
+
+def _recover(directory: Path) -> None:
+    manifest = directory / MANIFEST
+    if not manifest.exists():
+        return
+    plan = json.loads(manifest.read_text())
+    if (directory / plan["output"]).exists():  # committed: finish it
+        for name in plan["inputs"]:
+            (directory / name).unlink(missing_ok=True)
+    else:  # not committed: undo it
+        (directory / f".{plan['output']}.tmp").unlink(missing_ok=True)
+    _fsync_dir(directory)
+    manifest.unlink()
+    _fsync_dir(directory)
+
+
+def _write_atomic(directory: Path, name: str, table: pa.Table) -> Path:
+    tmp, final = directory / f".{name}.tmp", directory / name
+    pq.write_table(table, tmp)
+    _fsync(tmp)
+    os.rename(tmp, final)
+    _fsync_dir(directory)
+    return final
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data))
+    _fsync(tmp)
+    os.rename(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def _lock(directory: Path) -> Iterator[None]:
+    with open(directory / ".lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _unified_schema(files: list[Path]) -> pa.Schema:

@@ -3,12 +3,21 @@
 Everything that can be wrong with a spec is caught here, before any Ray work:
 unknown keys, wrong types, unknown encoders, datasets, heads or search
 dimensions. Errors name the file, the key path and the allowed values.
+
+String values may use ``${VAR}`` / ``${VAR:-default}``; they are substituted
+from the environment by :func:`load_spec` before validation. A variable that
+is unset and has no default stays in the value as written, so the spec's
+structure still validates; :func:`check_runnable` rejects it when a sweep
+starts, naming the key and the variable.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
+import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
@@ -19,8 +28,11 @@ from orchestrator.config import SpecError, did_you_mean, from_dict
 from trials.config import TrialConfig
 from trials.presets import get_preset, list_presets
 
-# Layer rules a grid may use; "topK" (e.g. "top3") is also accepted.
-LAYER_RULES = ("all", "last", "best")
+# Layer rules a grid may use; also "topK" (the K most similar pairs, e.g. "top3"),
+# "lastK" (every pair among the last K layers of each encoder), "bins" / "binsN"
+# (one pair per similarity-score quantile bin, trials.selection "bins").
+LAYER_RULES = ("all", "last", "best", "bins")
+DEFAULT_BINS = 5
 DTYPES = Literal["float32", "bfloat16", "float16"]
 
 
@@ -92,16 +104,49 @@ class SimilaritySpec:
 
 
 @dataclass
+class AshaSpec:
+    """ASHA early stopping on the per-epoch validation loss (``tune.scheduler: asha``)."""
+
+    grace_period: int = 5  # epochs every trial runs before it may be stopped
+    reduction_factor: float = 3.0
+    max_t: Optional[int] = None  # default: the trials' ``epochs``
+
+
+@dataclass
 class TuneSpec:
     """How Ray Tune schedules the trials."""
 
-    search: Literal["grid"] = "grid"
-    scheduler: Literal["fifo"] = "fifo"
+    search: Literal["grid", "optuna"] = "grid"
+    scheduler: Literal["fifo", "asha"] = "fifo"
+    metric: Optional[str] = None  # Optuna's objective; default: the headline metric
+    mode: Literal["max", "min"] = "max"
+    num_samples: int = 1  # per grid combination (grid) or per grid (optuna)
+    seed: int = 0  # of sampled dimensions and of Optuna's sampler
+    asha: AshaSpec = field(default_factory=AshaSpec)
     max_concurrent_trials: int = 0  # 0: one per CPU of the cluster
     cpus_per_trial: float = 1.0
-    gpus_per_trial: float = 0.0
-    max_failures: int = 1
-    device: str = "cpu"  # where a trial trains its heads
+    gpus_per_trial: float = 0.0  # fractions share a GPU between trials
+    max_failures: int = 1  # retries of a failed trial before it is recorded as failed
+    device: str = "auto"  # where a trial trains its heads; auto: cuda if gpus_per_trial > 0
+    trials_per_task: int = 1  # >1: cheap trials of one layer pair run in one Tune trial
+    flush_seconds: float = 1.0  # results are written at least this often
+
+    def __post_init__(self):
+        for name in ("num_samples", "trials_per_task"):
+            if getattr(self, name) < 1:
+                raise SpecError(f"must be >= 1, got {getattr(self, name)}", path=name)
+        if self.max_failures < 0:
+            raise SpecError("must be >= 0", path="max_failures")
+        if self.cpus_per_trial <= 0 or self.gpus_per_trial < 0:
+            raise SpecError("cpus_per_trial must be > 0 and gpus_per_trial >= 0", path="cpus_per_trial")
+        if self.scheduler == "asha" and self.trials_per_task > 1:
+            raise SpecError("ASHA stops single trials; use trials_per_task: 1", path="trials_per_task")
+
+    @property
+    def trial_device(self) -> str:
+        if self.device != "auto":
+            return self.device
+        return "cuda" if self.gpus_per_trial > 0 else "cpu"
 
 
 @dataclass
@@ -126,6 +171,7 @@ class SweepSpec:
         self.search = [_check_grid(g, f"search[{i}]") for i, g in enumerate(self.search)]
         if not self.search:
             raise SpecError("needs at least one grid", path="search")
+        self.tune.metric, self.tune.mode = _objective(self)
 
     @property
     def run_dir(self) -> Path:
@@ -135,7 +181,60 @@ class SweepSpec:
 # --- search grids -------------------------------------------------------------
 
 TRIAL_FIELDS = {f.name for f in dataclasses.fields(TrialConfig)} - {"image_layer", "text_layer"}
-GRID_KEYS = ("name", "layers", "preset")
+GRID_KEYS = ("name", "layers", "preset", "num_samples")
+SAMPLERS = ("choice", "uniform", "loguniform", "randint")
+
+
+@dataclass(frozen=True)
+class Sampled:
+    """A sampled dimension: ``{choice: [..]}``, ``{uniform: [lo, hi]}``,
+    ``{loguniform: [lo, hi]}`` or ``{randint: [lo, hi]}`` (hi exclusive)."""
+
+    kind: str
+    args: tuple
+
+    def sample(self, rng) -> Any:
+        import numpy as np
+
+        if self.kind == "choice":
+            return self.args[rng.integers(len(self.args))]
+        lo, hi = self.args
+        if self.kind == "uniform":
+            return float(rng.uniform(lo, hi))
+        if self.kind == "loguniform":
+            return float(np.exp(rng.uniform(np.log(lo), np.log(hi))))
+        return int(rng.integers(lo, hi))
+
+    def tune_domain(self):
+        from ray import tune
+
+        if self.kind == "choice":
+            return tune.choice(list(self.args))
+        return getattr(tune, self.kind)(*self.args)
+
+    def examples(self) -> list:
+        return list(self.args) if self.kind == "choice" else [self.args[0]]
+
+
+def _is_sampled(value: Any) -> bool:
+    return isinstance(value, dict) and len(value) == 1 and next(iter(value)) in SAMPLERS
+
+
+def _sampled(value: dict, path: str) -> Sampled:
+    kind, args = next(iter(value.items()))
+    if kind == "choice":
+        if not isinstance(args, list) or not args:
+            raise SpecError("choice needs a non-empty list of values", path=path)
+        return Sampled(kind, tuple(args))
+    numeric = isinstance(args, list) and len(args) == 2 and all(
+        isinstance(a, (int, float)) and not isinstance(a, bool) for a in args)
+    if not numeric or not args[0] < args[1]:
+        raise SpecError(f"{kind} needs [low, high] with low < high, got {args!r}", path=path)
+    if kind == "loguniform" and args[0] <= 0:
+        raise SpecError("loguniform needs low > 0", path=path)
+    if kind == "randint" and not all(isinstance(a, int) for a in args):
+        raise SpecError("randint needs integer bounds", path=path)
+    return Sampled(kind, tuple(args))
 
 
 def _trial_overrides(values: dict, path: str) -> TrialConfig:
@@ -144,7 +243,12 @@ def _trial_overrides(values: dict, path: str) -> TrialConfig:
 
 
 def _check_grid(grid: Any, path: str) -> dict:
-    """A grid maps dimension -> value or list of values (every combination runs)."""
+    """A grid maps dimension -> value, list of values (every combination runs)
+    or sampled distribution (``num_samples`` draws per combination).
+
+    Normalised form: every grid dimension a list; sampled ones under
+    ``"sample"`` ({dim: Sampled}); ``"num_samples"`` an int or None.
+    """
     if not isinstance(grid, dict):
         raise SpecError("a grid must be a mapping of dimension -> values", path=path)
     for key in grid:
@@ -152,20 +256,32 @@ def _check_grid(grid: Any, path: str) -> dict:
             raise SpecError(f"unknown search dimension {key!r}{did_you_mean(key, TRIAL_FIELDS)}; allowed: "
                             f"{', '.join(GRID_KEYS + tuple(sorted(TRIAL_FIELDS)))}",
                             path=f"{path}.{key}")
-    grid = {k: (v if isinstance(v, list) and k not in ("head_options",) else [v])
-            for k, v in grid.items()}
-    grid.setdefault("name", [path.replace("search", "grid")])
-    if "layers" in grid:
-        grid["layers"] = [_check_layers(v, f"{path}.layers") for v in grid["layers"]]
-    for head in grid.get("head", []):
+    num_samples = grid.get("num_samples")
+    if num_samples is not None and (not isinstance(num_samples, int) or num_samples < 1):
+        raise SpecError(f"expected an integer >= 1, got {num_samples!r}", path=f"{path}.num_samples")
+    sample = {k: _sampled(v, f"{path}.{k}") for k, v in grid.items()
+              if _is_sampled(v) and k in TRIAL_FIELDS}
+    out = {k: (v if isinstance(v, list) and k not in ("head_options",) else [v])
+           for k, v in grid.items() if k not in sample and k != "num_samples"}
+    out.setdefault("name", [path.replace("search", "grid")])
+    if len(out["name"]) != 1 or not isinstance(out["name"][0], str):
+        raise SpecError("a grid's name is one string", path=f"{path}.name")
+    if "layers" in out:
+        out["layers"] = [_check_layers(v, f"{path}.layers") for v in out["layers"]]
+    for head in out.get("head", []) + list(sample["head"].args if "head" in sample else []):
         _check_head(head, f"{path}.head")
-    for preset in grid.get("preset", []):
+    for preset in out.get("preset", []):
         if preset not in list_presets():
             raise SpecError(f"unknown preset {preset!r}{did_you_mean(preset, list_presets())}; "
                             f"presets: {', '.join(list_presets())}", path=f"{path}.preset")
-    for combo in _combinations({k: v for k, v in grid.items() if k in TRIAL_FIELDS}):
+    fixed = {k: v for k, v in out.items() if k in TRIAL_FIELDS}
+    for combo in _combinations(fixed):
         _trial_overrides(combo, path)
-    return grid
+    for key, dim in sample.items():
+        for example in dim.examples():
+            _trial_overrides({key: example}, f"{path}.{key}")
+    out["sample"], out["num_samples"] = sample, num_samples
+    return out
 
 
 def _check_head(name: str, path: str) -> None:
@@ -177,18 +293,33 @@ def _check_head(name: str, path: str) -> None:
 
 
 def _check_layers(value: Any, path: str) -> Union[str, tuple]:
-    """'all' | 'last' | 'best' | 'topK' | [i, j] (an explicit layer pair)."""
-    if isinstance(value, str) and (value in LAYER_RULES or _top_k(value)):
+    """all | last | best | bins | binsN | topK | lastK | [i, j] (an explicit layer pair)."""
+    if isinstance(value, str) and (value in LAYER_RULES or _top_k(value) or _last_k(value)
+                                   or _bins(value)):
         return value
-    if (isinstance(value, list) and len(value) == 2
+    if (isinstance(value, (list, tuple)) and len(value) == 2
             and all(isinstance(v, int) and not isinstance(v, bool) for v in value)):
         return tuple(value)
     raise SpecError(f"{value!r} is not a layer choice; expected one of {', '.join(LAYER_RULES)}, "
-                    "'topK' (e.g. 'top3') or an [image_layer, text_layer] pair", path=path)
+                    "'topK' (e.g. 'top3'), 'lastK' (e.g. 'last2'), 'binsN' (e.g. 'bins5') "
+                    "or an [image_layer, text_layer] pair", path=path)
+
+
+def _suffix_int(rule: str, prefix: str) -> int:
+    rest = rule[len(prefix):] if isinstance(rule, str) and rule.startswith(prefix) else ""
+    return int(rest) if rest.isdigit() and int(rest) > 0 else 0
 
 
 def _top_k(rule: str) -> int:
-    return int(rule[3:]) if rule.startswith("top") and rule[3:].isdigit() else 0
+    return _suffix_int(rule, "top")
+
+
+def _last_k(rule: str) -> int:
+    return _suffix_int(rule, "last")
+
+
+def _bins(rule: str) -> int:
+    return DEFAULT_BINS if rule == "bins" else _suffix_int(rule, "bins")
 
 
 def _combinations(grid: dict) -> list[dict]:
@@ -203,7 +334,8 @@ def expand_grid(grid: dict) -> list[dict]:
     preset, default "best") and TrialConfig values, in increasing precedence:
     the preset's, then the grid's own dimensions.
     """
-    return [_unfold_preset(combo) for combo in _combinations(grid)]
+    dims = {k: v for k, v in grid.items() if k not in ("sample", "num_samples")}
+    return [_unfold_preset(combo) for combo in _combinations(dims)]
 
 
 def _unfold_preset(combo: dict) -> dict:
@@ -216,7 +348,91 @@ def _unfold_preset(combo: dict) -> dict:
     return {"layers": p["layer_rule"], **values, "preset": preset, **combo}
 
 
+# --- objective --------------------------------------------------------------------
+
+def _objective(spec: "SweepSpec") -> tuple[str, str]:
+    """(metric, mode) Optuna optimises; checked against the spec's evaluation sets."""
+    zs = [r.name for r in spec.data.zero_shot]
+    ret = [r.name for r in spec.data.retrieval]
+    metric, mode = spec.tune.metric, spec.tune.mode
+    if metric is None:
+        if zs:
+            return f"zs/{zs[0]}/top1", "max"
+        if ret:
+            return f"ret/{ret[0]}/standard/I2T/R@1", "max"
+        return "best_val_loss", "min"
+    parts = metric.split("/")
+    names = {"zs": zs, "ret": ret}.get(parts[0])
+    if names is not None and (len(parts) < 3 or parts[1] not in names):
+        raise SpecError(f"{metric!r} names no evaluation set of this spec; "
+                        f"zero-shot sets: {zs}, retrieval sets: {ret} (e.g. 'zs/<set>/top1')",
+                        path="tune.metric")
+    if names is None and metric not in ("best_val_loss", "best_epoch", "epochs_run"):
+        raise SpecError(f"unknown metric {metric!r}; expected 'zs/<set>/top1', "
+                        "'ret/<set>/<protocol>/<I2T|T2I>/R@k' or 'best_val_loss'", path="tune.metric")
+    return metric, mode
+
+
 # --- loading -------------------------------------------------------------------
+
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def substitute_env(value: Any, env: dict | None = None) -> Any:
+    """``${VAR}`` / ``${VAR:-default}`` in every string of ``value``, from ``env``.
+
+    An unset variable without a default is left as written (see
+    :func:`check_runnable`).
+    """
+    env = os.environ if env is None else env
+    if isinstance(value, str):
+        def repl(m):
+            name, default = m.group(1), m.group(2)
+            if env.get(name):
+                return env[name]
+            return default if default is not None else m.group(0)
+        return _VAR.sub(repl, value)
+    if isinstance(value, list):
+        return [substitute_env(v, env) for v in value]
+    if isinstance(value, dict):
+        return {k: substitute_env(v, env) for k, v in value.items()}
+    return value
+
+
+def unresolved_variables(value: Any, path: str = "") -> list[tuple[str, str]]:
+    """(key path, variable) of every ``${VAR}`` left unsubstituted."""
+    if isinstance(value, str):
+        return [(path, m.group(1)) for m in _VAR.finditer(value)]
+    if isinstance(value, list):
+        return [u for i, v in enumerate(value) for u in unresolved_variables(v, f"{path}[{i}]")]
+    if isinstance(value, dict):
+        return [u for k, v in value.items()
+                for u in unresolved_variables(v, f"{path}.{k}" if path else str(k))]
+    return []
+
+
+def check_runnable(spec: SweepSpec) -> None:
+    """Reject, before any Ray work, a spec whose variables are still unset."""
+    missing = unresolved_variables(getattr(spec, "raw", {}) or {})
+    if missing:
+        where = "; ".join(f"{p} uses ${{{v}}}" for p, v in missing)
+        names = " ".join(sorted({f"{v}=..." for _, v in missing}))
+        raise SpecError(f"environment variables not set: {where}. Set them (e.g. `export {names}`) "
+                        "to the dataset/model paths, or write the paths into the spec",
+                        source=spec.source)
+
+
+def _validate(data: Any, source: str) -> SweepSpec:
+    if not isinstance(data, dict):
+        raise SpecError("a spec must be a YAML mapping", source=source)
+    try:
+        spec = from_dict(SweepSpec, data)
+    except SpecError as err:
+        raise SpecError(err.reason, path=err.path, source=source) from None
+    spec.source = source
+    spec.raw = data  # what resume re-validates (variables already substituted)
+    return spec
+
 
 def load_spec(path: str | Path, overrides: dict | None = None) -> SweepSpec:
     """Parse and validate a spec file (safe YAML: no Python objects)."""
@@ -229,10 +445,36 @@ def load_spec(path: str | Path, overrides: dict | None = None) -> SweepSpec:
         raise SpecError(f"not valid YAML: {err}", source=str(path)) from None
     if not isinstance(data, dict):
         raise SpecError("a spec must be a YAML mapping", source=str(path))
-    data = {**data, **(overrides or {})}
-    try:
-        spec = from_dict(SweepSpec, data)
-    except SpecError as err:
-        raise SpecError(err.reason, path=err.path, source=str(path)) from None
-    spec.source = str(path)
+    data = substitute_env({**data, **(overrides or {})})
+    return _validate(data, str(path))
+
+
+SPEC_FILE = "spec.json"
+
+
+def save_spec(spec: SweepSpec, run_dir: Path) -> None:
+    """RUN_DIR/spec.json: the resolved spec, plus the raw one that resume reloads."""
+    resolved = dataclasses.asdict(spec)
+    raw = {**getattr(spec, "raw", {}), "output_dir": str(run_dir)}
+    resolved["raw"] = raw
+    tmp = run_dir / f".{SPEC_FILE}.tmp"
+    tmp.write_text(json.dumps(resolved, indent=2, default=str))
+    tmp.replace(run_dir / SPEC_FILE)
+
+
+def load_run_spec(run_dir: str | Path) -> SweepSpec:
+    """The spec a run directory was started with (for ``structure-sweep resume``)."""
+    run_dir = Path(run_dir)
+    file = run_dir / SPEC_FILE
+    if not file.is_file():
+        raise FileNotFoundError(f"{run_dir} has no {SPEC_FILE}: is it a run directory written "
+                                "by `structure-sweep run`?")
+    saved = json.loads(file.read_text())
+    if "raw" not in saved:
+        if saved.get("source") and Path(saved["source"]).is_file():
+            return load_spec(saved["source"], {"output_dir": str(run_dir)})
+        raise SpecError(f"{file} predates resumable runs and its source spec is gone; "
+                        "run the spec again with --out", source=str(file))
+    spec = _validate({**saved["raw"], "output_dir": str(run_dir.resolve())}, str(file))
+    spec.source = saved.get("source") or str(file)
     return spec

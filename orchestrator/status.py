@@ -10,10 +10,11 @@ from orchestrator.results import ResultsStore, headline_metric
 PLAN_FILE = "plan.json"
 
 
-def write_plan(run_dir: Path, fingerprints: list[str]) -> None:
-    """Record the planned fingerprints, so status can count what is pending."""
+def write_plan(run_dir: Path, fingerprints: list[str], optuna: dict | None = None) -> None:
+    """Record the planned fingerprints (grid search) or trial counts per grid
+    (Optuna), so status can count what is pending."""
     tmp = run_dir / f".{PLAN_FILE}.tmp"
-    tmp.write_text(json.dumps({"fingerprints": fingerprints}))
+    tmp.write_text(json.dumps({"fingerprints": fingerprints, "optuna": optuna or {}}))
     tmp.replace(run_dir / PLAN_FILE)
 
 
@@ -22,14 +23,21 @@ def run_status(run_dir: Path, metric: str | None = None) -> str:
         raise FileNotFoundError(f"{run_dir} is not a run directory (no results/ or {PLAN_FILE}); "
                                 "pass the directory that `structure-sweep run` printed")
     trials = ResultsStore(run_dir).read("trials")
-    planned = set(json.loads((run_dir / PLAN_FILE).read_text())["fingerprints"]) \
-        if (run_dir / PLAN_FILE).is_file() else set()
-    done = trials[trials["status"] == "done"] if not trials.empty else trials
-    failed = trials[trials["status"] == "failed"] if not trials.empty else trials
+    plan = json.loads((run_dir / PLAN_FILE).read_text()) if (run_dir / PLAN_FILE).is_file() else {}
+    planned = set(plan.get("fingerprints", []))
+    status = trials["status"] if not trials.empty else None
+    done = trials[status == "done"] if status is not None else trials
+    stopped = trials[status == "stopped"] if status is not None else trials
+    failed = trials[status == "failed"] if status is not None else trials
     pending = len(planned - set(trials.get("fingerprint", [])))
+    n_planned = len(planned)
+    for grid, wanted in (plan.get("optuna") or {}).items():  # sampled trials: counts only
+        mine = trials[trials["grid"] == grid] if not trials.empty else trials
+        pending += max(0, wanted - len(mine))
+        n_planned += wanted
     lines = [f"run: {run_dir}",
-             f"trials: {len(done)} done, {len(failed)} failed, {pending} pending"
-             + (f" (of {len(planned)} planned)" if planned else "")]
+             f"trials: {len(done)} done, {len(stopped)} stopped early, {len(failed)} failed, "
+             f"{pending} pending" + (f" (of {n_planned} planned)" if n_planned else "")]
     metric = metric or headline_metric(done)
     if metric:
         best = done.loc[done[metric].idxmax()]

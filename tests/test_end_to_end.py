@@ -76,5 +76,5 @@ def test_sweep_runs_every_trial_once_then_skips_everything(ray_cluster, tiny_spe
     assert len(ResultsStore(tiny_spec.run_dir).read("trials")) == first.planned
 
     status = run_status(tiny_spec.run_dir)
-    assert f"{first.planned} done, 0 failed, 0 pending" in status
+    assert f"{first.planned} done, 0 stopped early, 0 failed, 0 pending" in status
     assert "best zs/classes/top1" in status

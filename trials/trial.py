@@ -132,7 +132,7 @@ def _evaluate(data: TrialData, image_map, text_map, class_vectors, to) -> dict:
     metrics: dict[str, float] = {}
     for name, zs in data.zero_shot.items():
         logits = zero_shot_logits(image_map(to(zs.image)), class_vectors(to(zs.prompts)))
-        labels = torch.as_tensor(zs.labels, device=logits.device)
+        labels = torch.tensor(np.asarray(zs.labels), device=logits.device)
         for key, value in zero_shot_metrics(logits, labels).items():
             metrics[f"zs/{name}/{key}"] = float(value)
     for name, ret in data.retrieval.items():

@@ -66,3 +66,76 @@ def test_manifest_records_provenance(tmp_path):
 def test_unknown_field_fails_clearly(tmp_path):
     with pytest.raises(AttributeError):
         EncoderWorker(ENCODER, str(tmp_path)).ensure(SPLIT, ["pixels"])
+
+
+def test_truncation_is_caught_by_the_cheap_check(tmp_path):
+    store = FeatureStore(tmp_path)
+    store.put("k", np.ones((8, 2, 4), np.float32))
+    layer_file = tmp_path / "k" / "layer_001.npy"
+    layer_file.write_bytes(layer_file.read_bytes()[:-4])
+    assert not store.has("k")  # sizes are checked on every has(), no hashing needed
+
+
+def test_same_size_corruption_needs_the_checksum(tmp_path):
+    store = FeatureStore(tmp_path)
+    store.put("k", np.ones((8, 2, 4), np.float32))
+    layer_file = tmp_path / "k" / "layer_000.npy"
+    data = bytearray(layer_file.read_bytes())
+    data[-1] ^= 0xFF
+    layer_file.write_bytes(bytes(data))
+    assert store.has("k") and not store.has("k", verify=True)
+    assert not FeatureStore(tmp_path).has("k", verify=True)
+
+
+def test_checksums_are_verified_once_per_process(tmp_path, monkeypatch):
+    import orchestrator.feature_store as fs
+
+    store = FeatureStore(tmp_path)
+    store.put("k", np.ones((8, 3, 4), np.float32))
+    calls = []
+    monkeypatch.setattr(fs, "_sha256", lambda path, real=fs._sha256: calls.append(path) or real(path))
+    assert store.has("k", verify=True) and store.has("k", verify=True)
+    assert len(calls) == 3  # one per layer file, the second call hashed nothing
+    assert store.verify("k") and len(calls) == 6  # an explicit verify() always re-hashes
+
+
+def test_failed_write_leaves_nothing(tmp_path):
+    store = FeatureStore(tmp_path)
+    with pytest.raises(RuntimeError):
+        with store.writer("k", (4, 2, 3)) as writer:
+            writer.write(np.zeros((2, 2, 3), np.float32))
+            raise RuntimeError("encoder crashed")
+    assert not store.has("k") and not list(tmp_path.glob(".tmp-*"))
+    with pytest.raises(ValueError, match="2 of 4 rows"):
+        with store.writer("k", (4, 2, 3)) as writer:
+            writer.write(np.zeros((2, 2, 3), np.float32))
+
+
+def _race(cache_root, barrier, results):
+    """One extractor process: wait for the other, then ask for the same key."""
+    import time
+
+    worker = EncoderWorker(ENCODER, cache_root)
+    encode = worker.encoder.encode
+    worker.encoder.encode = lambda batch: (time.sleep(0.3), encode(batch))[1]  # a slow model
+    barrier.wait()
+    out = worker.ensure(SPLIT, ["images"])
+    results.put((out["computed"]["images"], worker.forward_batches, out["keys"]["images"]))
+
+
+def test_concurrent_requests_compute_once(tmp_path):
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")  # a fresh interpreter per extractor
+    barrier, results = context.Barrier(2), context.Queue()
+    processes = [context.Process(target=_race, args=(str(tmp_path), barrier, results)) for _ in range(2)]
+    for process in processes:
+        process.start()
+    outcomes = sorted(results.get(timeout=120) for _ in processes)
+    for process in processes:
+        process.join(timeout=60)
+    (lost, lost_batches, key_a), (won, won_batches, key_b) = outcomes
+    assert (lost, won) == (False, True) and key_a == key_b
+    assert lost_batches == 0 and won_batches == 4  # the second waited, then read the entry
+    assert FeatureStore(tmp_path).has(key_a, verify=True)
+    assert [p.name for p in tmp_path.iterdir() if not p.name.startswith(".")] == [key_a]

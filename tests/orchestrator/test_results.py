@@ -60,3 +60,82 @@ def test_headline_metric_prefers_zero_shot():
     frame = pd.DataFrame({"ret/c/official/I2T/R@1": [0.1], "zs/b/top1": [0.2], "zs/a/top5": [0.3]})
     assert headline_metric(frame) == "zs/b/top1"
     assert headline_metric(frame.drop(columns="zs/b/top1")) == "ret/c/official/I2T/R@1"
+
+
+def test_query_filters_and_columns(tmp_path):
+    store = ResultsStore(tmp_path)
+    store.write("trials", [row("a", **{"config/head": "linear", "zs/x/top1": 0.1}),
+                           row("b", status="stopped", **{"config/head": "csa", "zs/x/top1": 0.2}),
+                           row("c", status="failed", **{"config/head": "linear"})])
+    frame = store.query("trials", {"config/head": "linear", "status": ["done", "stopped"]},
+                        columns=["fingerprint", "zs/x/top1"])
+    assert list(frame.columns) == ["fingerprint", "zs/x/top1"] and list(frame["fingerprint"]) == ["a"]
+    assert store.finished_fingerprints() == {"a", "b"}  # early-stopped trials are not re-run
+    assert store.query("trials", {"no/such/column": 1}).empty
+
+
+def test_compaction_merges_files_and_keeps_every_row_once(tmp_path):
+    store = ResultsStore(tmp_path)
+    for i in range(5):
+        store.write("trials", [row(f"t{i}"), row(f"t{i + 1}")])  # overlapping keys
+    merged = store.compact("trials")
+    assert store.files("trials") == [merged]
+    assert sorted(store.read("trials")["fingerprint"]) == [f"t{i}" for i in range(6)]
+    assert len(store.query("trials", dedup=False)) == 6  # duplicates dropped by compaction
+
+
+def _interrupted_compaction(tmp_path, committed: bool):
+    """State left by a compaction killed after its manifest (and maybe its rename)."""
+    import json
+
+    store = ResultsStore(tmp_path)
+    store.write("trials", [row("a")])
+    store.write("trials", [row("b")])
+    inputs = store.files("trials")
+    directory = store.table_dir("trials")
+    merged = store.query("trials")
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    target = directory / ("part-cX.parquet" if committed else ".part-cX.parquet.tmp")
+    pq.write_table(pa.Table.from_pandas(merged, preserve_index=False), target)
+    (directory / "_compaction.json").write_text(json.dumps(
+        {"output": "part-cX.parquet", "inputs": [f.name for f in inputs]}))
+    if committed:
+        inputs[0].unlink()  # killed half-way through deleting the inputs
+    return store, directory
+
+
+def test_interrupted_compaction_is_finished_when_committed(tmp_path):
+    store, directory = _interrupted_compaction(tmp_path, committed=True)
+    assert sorted(store.read("trials")["fingerprint"]) == ["a", "b"]  # readable meanwhile
+    store.recover()
+    assert [f.name for f in store.files("trials")] == ["part-cX.parquet"]
+    assert not (directory / "_compaction.json").exists()
+    assert sorted(store.read("trials")["fingerprint"]) == ["a", "b"]
+
+
+def test_interrupted_compaction_is_undone_when_not_committed(tmp_path):
+    store, directory = _interrupted_compaction(tmp_path, committed=False)
+    store.recover()
+    assert len(store.files("trials")) == 2 and not list(directory.glob(".part-*"))
+    assert sorted(store.read("trials")["fingerprint"]) == ["a", "b"]
+
+
+def test_query_is_fast_at_100k_rows(tmp_path):
+    import time
+
+    store = ResultsStore(tmp_path)
+    metrics = {f"zs/set{k}/top1": 0.5 for k in range(10)}
+    config = {f"config/f{k}": k for k in range(25)}
+    for part in range(100):
+        store.write("trials", [row(f"{part}-{i}", **config, **metrics) for i in range(1000)])
+    started = time.perf_counter()
+    store.compact("trials")
+    compact_s = time.perf_counter() - started
+    started = time.perf_counter()
+    frame = store.query("trials", {"status": "done"}, columns=["fingerprint", "zs/set0/top1"])
+    query_s = time.perf_counter() - started
+    assert len(frame) == 100_000
+    assert len(store.finished_fingerprints()) == 100_000
+    assert query_s < 2.0 and compact_s < 20.0, (query_s, compact_s)

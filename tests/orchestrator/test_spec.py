@@ -26,7 +26,7 @@ def test_demo_spec_loads_with_defaults():
     assert spec.similarity.metric == "mutual_knn" and spec.similarity.k == 10
     assert spec.tune.max_failures == 1  # a default the spec left out
     assert spec.run_dir == (Path("runs") / "demo").resolve()
-    assert count_trials(spec, (6, 6)) == 36 + 2 * 2 * 4 * 2
+    assert count_trials(spec, (6, 6)) == (36 + 2 * 2 * 4 * 2, True)
 
 
 @pytest.mark.parametrize("mutate, path, words", [
@@ -69,7 +69,7 @@ def test_missing_spec_file(tmp_path):
 
 def test_single_grid_mapping_and_scalars_become_lists(tmp_path):
     spec = load_spec(write_spec(tmp_path, lambda d: d.update(search={"layers": [[0, 1]], "seed": 3})))
-    assert spec.search == [{"layers": [(0, 1)], "seed": [3], "name": ["grid[0]"]}]
+    assert spec.search == [{"layers": [(0, 1)], "seed": [3], "name": ["grid[0]"], "sample": {}, "num_samples": None}]
 
 
 def test_presets_unfold_into_trial_values_and_layer_rules(tmp_path):
@@ -95,3 +95,87 @@ def test_unknown_preset_is_named(tmp_path):
     with pytest.raises(SpecError, match=r"search\[0\].preset: unknown preset 'linear\+similr' "
                                         r"\(did you mean 'linear\+similar'\?\)"):
         load_spec(spec_file)
+
+
+def test_sampled_dimensions_and_num_samples_plan_seeded_draws(tmp_path):
+    import numpy as np
+
+    from orchestrator.planning import _draws
+
+    grid = {"layers": "best", "lr": {"loguniform": [1e-4, 1e-2]}, "structure_lambda": {"choice": [0, 10]},
+            "seed": [0, 1], "num_samples": 3}
+    spec = load_spec(write_spec(tmp_path, lambda d: d.update(search=grid)))
+    g = spec.search[0]
+    assert set(g["sample"]) == {"lr", "structure_lambda"} and g["num_samples"] == 3
+    assert count_trials(spec, (6, 6)) == (2 * 3, True)
+    draws = _draws(spec, g, 0)
+    assert len(draws) == 3 and all(1e-4 <= d["lr"] <= 1e-2 for d in draws)
+    assert draws == _draws(spec, g, 0)  # a re-run draws the same values
+    assert all(d["structure_lambda"] in (0, 10) for d in draws)
+    assert np.std([d["lr"] for d in draws]) > 0
+
+
+@pytest.mark.parametrize("dim, words", [
+    ({"loguniform": [0, 1]}, "low > 0"),
+    ({"uniform": [2, 1]}, "low < high"),
+    ({"choice": []}, "non-empty"),
+])
+def test_bad_sampled_dimension(tmp_path, dim, words):
+    with pytest.raises(SpecError, match=words):
+        load_spec(write_spec(tmp_path, lambda d: d.update(search={"lr": dim})))
+
+
+def test_layer_rules_bins_and_last_k():
+    import numpy as np
+
+    from orchestrator.planning import resolve_layers
+
+    scores = np.arange(12, dtype=float).reshape(3, 4)
+    assert resolve_layers("last2", scores) == [(2, 3), (2, 2), (1, 3), (1, 2)]
+    pairs = resolve_layers("bins3", scores)
+    assert pairs[0] == (2, 3) and (0, 0) in pairs and len(set(pairs)) == len(pairs)
+    assert resolve_layers("top2", scores) == [(2, 3), (2, 2)]
+
+
+def test_env_variables_are_substituted_and_unset_ones_fail_at_run_time(tmp_path, monkeypatch):
+    from orchestrator.spec import check_runnable
+
+    def mutate(d):
+        d["data"]["train"]["options"]["root"] = "${SS_TEST_ROOT}"
+        d["data"]["val"]["options"]["root"] = "${SS_TEST_VAL:-/data/val}"
+    path = write_spec(tmp_path, mutate)
+    monkeypatch.delenv("SS_TEST_ROOT", raising=False)
+    spec = load_spec(path)  # structure validates with the variable unset
+    assert spec.data.val.options["root"] == "/data/val"
+    with pytest.raises(SpecError, match=r"data.train.options.root uses \$\{SS_TEST_ROOT\}"):
+        check_runnable(spec)
+    monkeypatch.setenv("SS_TEST_ROOT", "/data/train")
+    spec = load_spec(path)
+    assert spec.data.train.options["root"] == "/data/train"
+    check_runnable(spec)
+
+
+def test_run_spec_roundtrip_for_resume(tmp_path):
+    from orchestrator.spec import load_run_spec, save_spec
+
+    grid = {"layers": ["best", [0, 1]], "lr": {"uniform": [0.001, 0.01]}, "num_samples": 2}
+    spec = load_spec(write_spec(tmp_path, lambda d: d.update(search=grid, output_dir=str(tmp_path / "r"))))
+    (tmp_path / "r").mkdir()
+    save_spec(spec, tmp_path / "r")
+    again = load_run_spec(tmp_path / "r")
+    assert again.search == spec.search and again.run_dir == spec.run_dir and again.tune == spec.tune
+
+
+def test_tune_options_are_checked(tmp_path):
+    with pytest.raises(SpecError, match="tune.metric"):
+        load_spec(write_spec(tmp_path, lambda d: d.update(tune={"search": "optuna", "metric": "zs/nope/top1"})))
+    spec = load_spec(write_spec(tmp_path, lambda d: d.update(tune={"search": "optuna", "scheduler": "asha"})))
+    assert spec.tune.metric == "zs/synthetic-classes/top1" and spec.tune.mode == "max"
+    assert load_spec(write_spec(tmp_path, lambda d: d.update(tune={"gpus_per_trial": 0.25}))).tune.trial_device == "cuda"
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in DEMO.parent.glob("*.yaml")
+                                        if not p.name.startswith("cluster")))
+def test_shipped_specs_validate_without_their_variables(name):
+    spec = load_spec(DEMO.parent / name)
+    assert spec.search

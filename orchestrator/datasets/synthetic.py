@@ -1,72 +1,10 @@
-"""Dataset registry: named sources of paired (image, caption) data and
-zero-shot classification sets, each split loaded as a :class:`Split`.
-
-A dataset is one decorated factory ``f(split, **options) -> Split``. Inputs in
-a split are whatever the encoders take (PIL images, strings, or the planted
-latents of the synthetic world); the feature store caches the encoders'
-outputs under the split's ``fingerprint``.
-"""
+"""The planted synthetic world of the ``synthetic:`` encoders (the offline demo)."""
 
 from __future__ import annotations
 
-import hashlib
-import json
-from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence
-
 import numpy as np
 
-_REGISTRY: dict[str, Callable[..., "Split"]] = {}
-
-
-class DatasetError(ValueError):
-    """A dataset that cannot be loaded; the message names it and the fix."""
-
-
-@dataclass
-class Split:
-    """One split: unique images, caption rows, and optional class prompts."""
-
-    images: Sequence[Any]
-    texts: Sequence[Any]
-    text_to_image: np.ndarray  # [len(texts)] image index of each caption row
-    fingerprint: str
-    labels: Optional[np.ndarray] = None  # [len(images)] class index
-    class_names: Optional[list[str]] = None
-    prompts: Optional[list[list[Any]]] = None  # [C][T] class-name x template texts
-
-    def inputs(self, field: str) -> list:
-        """The encoder inputs of ``field``: "images", "texts" or "prompts"."""
-        if field == "prompts":
-            return [t for per_class in self.prompts or [] for t in per_class]
-        return list(getattr(self, field))
-
-
-def register_dataset(name: str) -> Callable:
-    def deco(factory: Callable[..., Split]) -> Callable[..., Split]:
-        _REGISTRY[name] = factory
-        return factory
-
-    return deco
-
-
-def dataset_names() -> list[str]:
-    return sorted(_REGISTRY)
-
-
-def load_split(dataset: str, split: str, options: dict | None = None) -> Split:
-    if dataset not in _REGISTRY:
-        raise DatasetError(f"unknown dataset {dataset!r}; registered: {', '.join(dataset_names())}")
-    return _REGISTRY[dataset](split, **(options or {}))
-
-
-def fingerprint(*parts: Any) -> str:
-    """A stable content hash of JSON-serialisable parts."""
-    blob = json.dumps(parts, sort_keys=True, default=str).encode()
-    return hashlib.sha256(blob).hexdigest()[:24]
-
-
-# --- the planted synthetic world ---------------------------------------------------
+from orchestrator.datasets import DatasetError, Split, fingerprint, register_dataset
 
 SYNTHETIC_VERSION = 1
 _SPLIT_OFFSETS = {"train": 1, "val": 2, "test": 3}

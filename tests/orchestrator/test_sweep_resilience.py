@@ -1,0 +1,166 @@
+"""Kill safety of a sweep run as the CLI runs it (a subprocess with its own Ray).
+
+- SIGKILL the driver mid-sweep, then `structure-sweep resume RUN_DIR`: every
+  planned trial ends in the store exactly once and no stored trial re-ran.
+- SIGKILL a trial worker mid-trial: the trial is retried and the sweep
+  completes; meanwhile the sweep's custom metrics are on the metrics endpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from orchestrator.results import ResultsStore
+
+ROOT = Path(__file__).parents[2]
+sys.path.insert(0, str(ROOT / "tests"))
+from test_end_to_end import TINY  # noqa: E402
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (from /proc; Ray's head processes and workers)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def kill(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def write_spec(tmp_path: Path, **tune) -> Path:
+    spec = {**TINY, "name": "resilience",
+            "training": {**TINY["training"], "epochs": 25, "patience": 25},
+            "search": [{"name": "grid", "layers": "all", "seed": [0, 1], "n_train": 600}],
+            "tune": {"max_concurrent_trials": 2, "flush_seconds": 0.2, **tune},
+            "output_dir": str(tmp_path / "run"), "cache_dir": str(tmp_path / "cache")}
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def cli(*args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "orchestrator.cli", *args, "--num-cpus", "2",
+                             "--no-report"], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def raw_rows(run_dir: Path):
+    return ResultsStore(run_dir).query("trials", dedup=False)
+
+
+def wait_for(predicate, timeout: float, proc: subprocess.Popen | None = None, step: float = 0.2):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        if proc is not None and proc.poll() is not None:
+            pytest.fail(f"sweep exited early:\n{proc.stdout.read()[-3000:]}")
+        time.sleep(step)
+    pytest.fail("timed out")
+
+
+def kill_tree(proc: subprocess.Popen, pids: list[int]) -> None:
+    """SIGKILL the driver, then whatever Ray processes it started that outlive it."""
+    kill(proc.pid)
+    proc.wait(timeout=30)
+    time.sleep(1)
+    for pid in pids:  # only processes this test started (descendants of its driver)
+        kill(pid)
+
+
+def planned(run_dir: Path) -> set[str]:
+    return set(json.loads((run_dir / "plan.json").read_text())["fingerprints"])
+
+
+def test_driver_killed_mid_sweep_then_resume_runs_each_trial_exactly_once(tmp_path):
+    run_dir = tmp_path / "run"
+    first = cli("run", str(write_spec(tmp_path)))
+    try:
+        wait_for(lambda: (run_dir / "results" / "trials").is_dir() and len(raw_rows(run_dir)) >= 3,
+                 240, first)
+    finally:
+        kill_tree(first, descendants(first.pid))
+    before = raw_rows(run_dir)
+    plan = planned(run_dir)
+    assert 3 <= len(before) < len(plan), "the kill should land mid-sweep"
+
+    second = cli("resume", str(run_dir))
+    out, _ = second.communicate(timeout=300)
+    assert second.returncode == 0, out[-3000:]
+    assert f"{len(set(before['fingerprint']))} already finished (skipped)" in out
+
+    after = raw_rows(run_dir)
+    assert after["fingerprint"].is_unique  # raw part files: nothing ran twice
+    assert set(after["fingerprint"]) == plan and (after["status"] == "done").all()
+    kept = after.set_index("fingerprint").loc[before["fingerprint"], "started_at"]
+    assert list(kept) == list(before["started_at"])  # stored trials untouched
+
+
+def test_worker_killed_mid_trial_is_retried_and_metrics_are_exported(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    run_dir = tmp_path / "run"
+    proc = cli("run", str(write_spec(tmp_path, max_failures=2)), "--metrics-port", str(port))
+    try:
+        def metrics():
+            try:
+                text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2).read().decode()
+            except OSError:
+                return None
+            return text if "ray_structure_sweep_trials_finished" in text else None
+
+        text = wait_for(metrics, 240, proc, step=1)
+        for name in ("trials_finished", "trials_running", "trials_per_minute",
+                     "feature_cache_hits", "best_metric"):
+            assert f"ray_structure_sweep_{name}" in text, name
+        assert 'sweep="resilience"' in text
+
+        def training_worker():
+            return next((pid for pid in descendants(proc.pid)
+                         if "ImplicitFunc.train" in cmdline(pid)), None)
+
+        kill(wait_for(training_worker, 120, proc, step=0.05))
+        out, _ = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            kill_tree(proc, descendants(proc.pid))
+    assert proc.returncode == 0, out[-3000:]
+    rows = raw_rows(run_dir)
+    assert rows["fingerprint"].is_unique and set(rows["fingerprint"]) == planned(run_dir)
+    assert (rows["status"] == "done").all()
+    assert rows["retries"].max() >= 1  # the killed trial ran again
