@@ -138,7 +138,8 @@ def _evaluate(data: TrialData, image_map, text_map, class_vectors, to) -> dict:
     for name, ret in data.retrieval.items():
         image_emb, text_emb = image_map(to(ret.image)), text_map(to(ret.text))
         for protocol in ("official", "standard"):
-            result = retrieval_metrics(image_emb, text_emb, ret.text_to_image, protocol=protocol)
+            result = retrieval_metrics(image_emb, text_emb, np.array(ret.text_to_image),
+                                       protocol=protocol)
             for direction, values in result.items():
                 for key, value in values.items():
                     metrics[f"ret/{name}/{protocol}/{direction}/{key}"] = float(value)

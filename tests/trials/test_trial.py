@@ -83,3 +83,14 @@ def test_on_epoch_can_stop_the_trial():
 def test_a_diverged_trial_fails_with_a_message_that_names_the_fix():
     with pytest.raises(FloatingPointError, match="lower `lr`"):
         run_trial(make_data(), TrialConfig(**{**CONFIG, "lr": 1e30, "epochs": 2}))
+
+
+def test_read_only_inputs_as_from_rays_object_store(recwarn):
+    data = make_data()
+    arrays = [data.train_image, data.train_text, data.val_image, data.val_text,
+              *(a for z in data.zero_shot.values() for a in (z.image, z.labels, z.prompts)),
+              *(a for r in data.retrieval.values() for a in (r.image, r.text, r.text_to_image))]
+    for array in arrays:
+        array.setflags(write=False)
+    run_trial(data, TrialConfig(**{**CONFIG, "epochs": 2}))
+    assert not [w for w in recwarn if "not writable" in str(w.message)]
