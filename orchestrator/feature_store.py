@@ -44,6 +44,8 @@ from typing import Iterator
 
 import numpy as np
 
+from orchestrator.durable import fsync_path
+
 MANIFEST = "manifest.json"
 LOCKS = ".locks"
 
@@ -194,20 +196,20 @@ class EntryWriter:
         for layer, array in enumerate(self._arrays):
             array.flush()
             path = self.tmp / layer_file(layer)
-            _fsync_file(path)
+            fsync_path(path)
             files[path.name], sizes[path.name] = _sha256(path), path.stat().st_size
         self._arrays = []
         manifest = {"key": self.key, "num_layers": self.shape[1], "shape": list(self.shape),
                     "files": files, "sizes": sizes, "meta": self.meta}
         (self.tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, default=str))
-        _fsync_file(self.tmp / MANIFEST)
-        _fsync_dir(self.tmp)
+        fsync_path(self.tmp / MANIFEST)
+        fsync_path(self.tmp)
         self.store.discard(self.key)  # a corrupt old entry is replaced, never merged
         try:
             os.rename(self.tmp, self.store.path(self.key))
         except OSError:  # another writer (without the lock) finished first: its entry is as good
             shutil.rmtree(self.tmp, ignore_errors=True)
-        _fsync_dir(self.store.root)
+        fsync_path(self.store.root)
 
     def abort(self) -> None:
         self._arrays = []
@@ -222,14 +224,3 @@ class EntryWriter:
         else:
             self.abort()
 
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    _fsync_file(path)

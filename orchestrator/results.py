@@ -58,6 +58,8 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
+from orchestrator.durable import fsync_path
+
 TABLES = ("trials", "layer_similarity")
 KEYS = {"trials": "fingerprint", "layer_similarity": "row_key"}
 FINISHED = ("done", "stopped")  # statuses that a re-run does not repeat
@@ -80,8 +82,7 @@ class ResultsStore:
             return None
         directory = self.table_dir(table)
         directory.mkdir(parents=True, exist_ok=True)
-        return _write_atomic(directory, f"part-{uuid.uuid4().hex}.parquet",
-                             pa.Table.from_pylist(rows))
+        return _write_atomic(directory, f"part-{uuid.uuid4().hex}.parquet", _to_table(rows))
 
     def files(self, table: str) -> list[Path]:
         directory = self.table_dir(table)
@@ -154,15 +155,15 @@ class ResultsStore:
             table_ = pa.Table.from_pandas(merged, preserve_index=False)
             tmp = directory / f".{name}.tmp"
             pq.write_table(table_, tmp)
-            _fsync(tmp)
+            fsync_path(tmp)
             _write_json(directory / MANIFEST, {"output": name, "inputs": [f.name for f in files]})
             os.rename(tmp, directory / name)
-            _fsync_dir(directory)
+            fsync_path(directory)
             for f in files:
                 f.unlink(missing_ok=True)
-            _fsync_dir(directory)
+            fsync_path(directory)
             (directory / MANIFEST).unlink()
-            _fsync_dir(directory)
+            fsync_path(directory)
             return directory / name
 
     def recover(self) -> None:
@@ -184,39 +185,33 @@ def _recover(directory: Path) -> None:
             (directory / name).unlink(missing_ok=True)
     else:  # not committed: undo it
         (directory / f".{plan['output']}.tmp").unlink(missing_ok=True)
-    _fsync_dir(directory)
+    fsync_path(directory)
     manifest.unlink()
-    _fsync_dir(directory)
+    fsync_path(directory)
 
 
 def _write_atomic(directory: Path, name: str, table: pa.Table) -> Path:
     tmp, final = directory / f".{name}.tmp", directory / name
     pq.write_table(table, tmp)
-    _fsync(tmp)
+    fsync_path(tmp)
     os.rename(tmp, final)
-    _fsync_dir(directory)
+    fsync_path(directory)
     return final
+
+
+def _to_table(rows: list[dict]) -> pa.Table:
+    """Rows with different keys as one table (``from_pylist`` alone would keep
+    only the first row's keys and silently drop the others)."""
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    return pa.Table.from_pylist([{key: row.get(key) for key in columns} for row in rows])
 
 
 def _write_json(path: Path, data: dict) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(data))
-    _fsync(tmp)
+    fsync_path(tmp)
     os.rename(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _fsync(path: Path) -> None:
-    with open(path, "rb+") as f:
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_path(path.parent)
 
 
 @contextlib.contextmanager

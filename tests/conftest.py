@@ -6,6 +6,7 @@ runs once per stored case of that JSON section, so a fuller file (with the
 held-back cases) is checked the same way without editing the tests.
 """
 
+import copy
 import functools
 import json
 import os
@@ -45,3 +46,47 @@ def pytest_generate_tests(metafunc):
             cases = section.get("cases", []) if isinstance(section, dict) else section
             ids = [str(c.get("name", i)) for i, c in enumerate(cases)]
             metafunc.parametrize(arg, cases, ids=ids)
+
+
+# A sweep small enough for a test: 3 x 3 layers, a few hundred synthetic pairs.
+TINY = {
+    "name": "tiny",
+    "encoders": {"image": {"name": "synthetic:image", "batch_size": 256,
+                           "options": {"layers": 3, "planted_layer": 1}},
+                 "text": {"name": "synthetic:text", "batch_size": 256,
+                          "options": {"layers": 3, "planted_layer": 2}}},
+    "data": {"train": {"dataset": "synthetic", "split": "train", "options": {"size": 600}},
+             "val": {"dataset": "synthetic", "split": "val", "options": {"size": 200}},
+             "zero_shot": [{"dataset": "synthetic", "split": "test", "name": "classes",
+                            "options": {"size": 200}}],
+             "retrieval": [{"dataset": "synthetic", "split": "test", "name": "captions",
+                            "options": {"size": 100, "captions_per_image": 2}}]},
+    "similarity": {"k": 5, "n_samples": 400},
+    "training": {"out_dim": 16, "epochs": 5, "batch_size": 256, "lr": 0.003, "patience": 3,
+                 "warmup_steps": 10},
+    "search": [{"name": "grid", "layers": "all", "structure_lambda": 0, "n_train": 300},
+               {"name": "scaling", "layers": ["best", "last"], "structure_lambda": [0, 10],
+                "n_train": [150, 600]}],
+    "tune": {"max_concurrent_trials": 2},
+}
+
+
+@pytest.fixture
+def tiny():
+    """A fresh copy of the tiny sweep spec (a dict, as parsed from YAML)."""
+    return copy.deepcopy(TINY)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray cluster on 127.0.0.1 for the tests that drive sweeps in-process."""
+    import ray
+
+    from orchestrator.cluster import QUIET_ENV
+
+    for key, value in QUIET_ENV.items():
+        os.environ.setdefault(key, value)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR",
+             _node_ip_address="127.0.0.1")
+    yield
+    ray.shutdown()

@@ -1,55 +1,19 @@
 """A tiny sweep on a real local Ray cluster, end to end, twice."""
 
-import os
-
 import pytest
 import yaml
 
-from orchestrator.cluster import QUIET_ENV
 from orchestrator.results import ResultsStore
 from orchestrator.spec import load_spec
 from orchestrator.status import run_status
 from orchestrator.sweep import run_sweep
 
-TINY = {
-    "name": "tiny",
-    "encoders": {"image": {"name": "synthetic:image", "batch_size": 256,
-                           "options": {"layers": 3, "planted_layer": 1}},
-                 "text": {"name": "synthetic:text", "batch_size": 256,
-                          "options": {"layers": 3, "planted_layer": 2}}},
-    "data": {"train": {"dataset": "synthetic", "split": "train", "options": {"size": 600}},
-             "val": {"dataset": "synthetic", "split": "val", "options": {"size": 200}},
-             "zero_shot": [{"dataset": "synthetic", "split": "test", "name": "classes",
-                            "options": {"size": 200}}],
-             "retrieval": [{"dataset": "synthetic", "split": "test", "name": "captions",
-                            "options": {"size": 100, "captions_per_image": 2}}]},
-    "similarity": {"k": 5, "n_samples": 400},
-    "training": {"out_dim": 16, "epochs": 5, "batch_size": 256, "lr": 0.003, "patience": 3,
-                 "warmup_steps": 10},
-    "search": [{"name": "grid", "layers": "all", "structure_lambda": 0, "n_train": 300},
-               {"name": "scaling", "layers": ["best", "last"], "structure_lambda": [0, 10],
-                "n_train": [150, 600]}],
-    "tune": {"max_concurrent_trials": 2},
-}
 
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-
-    for key, value in QUIET_ENV.items():
-        os.environ.setdefault(key, value)
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR",
-             _node_ip_address="127.0.0.1")
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def tiny_spec(tmp_path_factory):
+@pytest.fixture
+def tiny_spec(tmp_path_factory, tiny):
     root = tmp_path_factory.mktemp("sweep")
     spec_file = root / "tiny.yaml"
-    spec_file.write_text(yaml.safe_dump({**TINY, "output_dir": str(root / "run"),
+    spec_file.write_text(yaml.safe_dump({**tiny, "output_dir": str(root / "run"),
                                          "cache_dir": str(root / "cache")}))
     return load_spec(spec_file)
 

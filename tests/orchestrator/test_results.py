@@ -44,6 +44,14 @@ def test_parts_with_different_columns_are_unified(tmp_path):
     assert pd.isna(frame.set_index("fingerprint").loc["b", "zs/x/top1"])
 
 
+def test_rows_of_one_flush_keep_all_their_columns(tmp_path):
+    store = ResultsStore(tmp_path)  # e.g. a stopped trial flushed before a finished one
+    store.write("trials", [row("a", status="stopped", val_loss=3.0), row("b", **{"zs/x/top1": 0.8})])
+    frame = store.read("trials").set_index("fingerprint")
+    assert frame.loc["b", "zs/x/top1"] == 0.8 and frame.loc["a", "val_loss"] == 3.0
+    assert pd.isna(frame.loc["a", "zs/x/top1"]) and pd.isna(frame.loc["b", "val_loss"])
+
+
 def test_temp_files_of_a_crashed_writer_are_ignored(tmp_path):
     store = ResultsStore(tmp_path)
     store.write("trials", [row("a")])

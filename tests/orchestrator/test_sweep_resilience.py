@@ -24,8 +24,6 @@ import yaml
 from orchestrator.results import ResultsStore
 
 ROOT = Path(__file__).parents[2]
-sys.path.insert(0, str(ROOT / "tests"))
-from test_end_to_end import TINY  # noqa: E402
 
 
 def descendants(pid: int) -> list[int]:
@@ -60,9 +58,9 @@ def kill(pid: int) -> None:
         pass
 
 
-def write_spec(tmp_path: Path, **tune) -> Path:
-    spec = {**TINY, "name": "resilience",
-            "training": {**TINY["training"], "epochs": 25, "patience": 25},
+def write_spec(tmp_path: Path, tiny: dict, **tune) -> Path:
+    spec = {**tiny, "name": "resilience",
+            "training": {**tiny["training"], "epochs": 25, "patience": 25},
             "search": [{"name": "grid", "layers": "all", "seed": [0, 1], "n_train": 600}],
             "tune": {"max_concurrent_trials": 2, "flush_seconds": 0.2, **tune},
             "output_dir": str(tmp_path / "run"), "cache_dir": str(tmp_path / "cache")}
@@ -106,9 +104,9 @@ def planned(run_dir: Path) -> set[str]:
     return set(json.loads((run_dir / "plan.json").read_text())["fingerprints"])
 
 
-def test_driver_killed_mid_sweep_then_resume_runs_each_trial_exactly_once(tmp_path):
+def test_driver_killed_mid_sweep_then_resume_runs_each_trial_exactly_once(tmp_path, tiny):
     run_dir = tmp_path / "run"
-    first = cli("run", str(write_spec(tmp_path)))
+    first = cli("run", str(write_spec(tmp_path, tiny)))
     try:
         wait_for(lambda: (run_dir / "results" / "trials").is_dir() and len(raw_rows(run_dir)) >= 3,
                  240, first)
@@ -130,12 +128,12 @@ def test_driver_killed_mid_sweep_then_resume_runs_each_trial_exactly_once(tmp_pa
     assert list(kept) == list(before["started_at"])  # stored trials untouched
 
 
-def test_worker_killed_mid_trial_is_retried_and_metrics_are_exported(tmp_path):
+def test_worker_killed_mid_trial_is_retried_and_metrics_are_exported(tmp_path, tiny):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     run_dir = tmp_path / "run"
-    proc = cli("run", str(write_spec(tmp_path, max_failures=2)), "--metrics-port", str(port))
+    proc = cli("run", str(write_spec(tmp_path, tiny, max_failures=2)), "--metrics-port", str(port))
     try:
         def metrics():
             try:

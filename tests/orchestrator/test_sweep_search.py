@@ -1,37 +1,18 @@
 """Optuna (TPE) search with ASHA early stopping, on a real local Ray cluster."""
 
-import os
-import sys
-from pathlib import Path
 
-import pytest
 import yaml
 
-from orchestrator.cluster import QUIET_ENV
 from orchestrator.results import ResultsStore
 from orchestrator.spec import load_spec
 from orchestrator.status import run_status
 from orchestrator.sweep import run_sweep
 
-sys.path.insert(0, str(Path(__file__).parents[1]))
-from test_end_to_end import TINY  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-
-    for key, value in QUIET_ENV.items():
-        os.environ.setdefault(key, value)
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR",
-             _node_ip_address="127.0.0.1")
-    yield
-    ray.shutdown()
-
-
-def test_optuna_asha_stops_poor_trials_early_and_resume_tops_up(ray_cluster, tmp_path):
-    spec = {**TINY, "name": "optuna-asha",
-            "training": {**TINY["training"], "epochs": 16, "patience": 16},
+def test_optuna_asha_stops_poor_trials_early_and_resume_tops_up(ray_cluster, tmp_path, tiny):
+    spec = {**tiny, "name": "optuna-asha",
+            "training": {**tiny["training"], "epochs": 16, "patience": 16},
             "search": [{"name": "tpe", "layers": "all", "n_train": 300,
                         "lr": {"loguniform": [1e-5, 1e-1]},
                         "structure_lambda": {"choice": [0, 10]}}],
