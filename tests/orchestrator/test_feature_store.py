@@ -139,3 +139,29 @@ def test_concurrent_requests_compute_once(tmp_path):
     assert lost_batches == 0 and won_batches == 4  # the second waited, then read the entry
     assert FeatureStore(tmp_path).has(key_a, verify=True)
     assert [p.name for p in tmp_path.iterdir() if not p.name.startswith(".")] == [key_a]
+
+
+def test_a_trial_fetches_only_its_two_layers(tmp_path):
+    """trial_data asks the store (or the object store) for layer i of the image
+    features and layer j of the text features, and for nothing else."""
+    from orchestrator.features import FeatureSet, SplitFeatures, trial_data
+
+    store = FeatureStore(tmp_path)
+    rng = np.random.default_rng(0)
+    for key, n in (("img", 20), ("txt", 20), ("prompts", 6)):
+        store.put(key, rng.standard_normal((n, 5, 4)).astype(np.float32))
+    pairs = SplitFeatures(image="img", text="txt", text_to_image=np.arange(20))
+    zero_shot = SplitFeatures(image="img", text="prompts", text_to_image=np.arange(0),
+                              labels=np.zeros(20, dtype=int), n_prompts=[2, 2, 2])
+    features = FeatureSet(train=pairs, val=pairs, zero_shot={"zs": zero_shot},
+                          retrieval={"ret": pairs}, num_layers=(5, 5))
+    fetched = []
+
+    def fetch(key, layer):
+        fetched.append((key, layer))
+        return store.layer(key, layer)
+
+    data = trial_data(features, fetch, 3, 1)
+    assert set(fetched) == {("img", 3), ("txt", 1), ("prompts", 1)}
+    np.testing.assert_array_equal(data.train_image, store.layer("img", 3))
+    assert data.zero_shot["zs"].prompts.shape == (3, 2, 4)
