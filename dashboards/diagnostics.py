@@ -18,6 +18,7 @@ import pandas as pd
 
 from dashboards.data import (HEAD, LAMBDA, N_TRAIN, RunData, has_columns, named_methods,
                              with_methods)
+from orchestrator.results import plan_progress
 
 LEVELS = "config/structure_levels"
 STATUSES = ("done", "failed", "stopped")
@@ -43,10 +44,7 @@ def trial_counts(run: RunData) -> dict[str, int]:
     status = trials["status"] if "status" in trials else pd.Series(dtype=str)
     counts = {s: int((status == s).sum()) for s in STATUSES}
     counts["other"] = int(len(status) - sum(counts.values()))
-    planned = run.plan.get("fingerprints") or []
-    counts["planned"] = len(planned)
-    stored = set(trials["fingerprint"]) if "fingerprint" in trials else set()
-    counts["pending"] = len(set(planned) - stored)
+    counts.update(plan_progress(run.plan, trials))  # grid fingerprints or Optuna counts
     return counts
 
 

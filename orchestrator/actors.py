@@ -24,7 +24,25 @@ from orchestrator.datasets.files import open_image
 from orchestrator.encoders import build_encoder
 from orchestrator.feature_store import FeatureStore, feature_key
 
-LOG_EVERY_S = 30.0  # seconds between progress lines of one extraction
+LOG_EVERY_S = 30.0  # seconds between progress lines of an extraction (worker and driver)
+
+
+class EncoderResourcesError(RuntimeError):
+    """An encoder asks for more GPUs/CPUs than the whole Ray cluster has."""
+
+
+def resolve_device(device: Optional[str]) -> str:
+    """``"auto"`` (or None) -> ``"cuda"`` if torch sees a GPU here, else ``"cpu"``.
+
+    Resolved in the worker, on the machine that runs the encoder. The device
+    is not part of an encoder's identity, so "auto" and the device it resolves
+    to give the same feature-cache keys.
+    """
+    if device not in (None, "auto"):
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 class EncoderWorker:
@@ -41,6 +59,7 @@ class EncoderWorker:
         self.batch_size = spec.pop("batch_size")
         spec.pop("num_gpus", None), spec.pop("num_cpus", None)
         options = spec.pop("options")
+        spec["device"] = resolve_device(spec.get("device"))
         self.encoder = build_encoder(spec.pop("name"), **spec, **options)
         self.store = FeatureStore(cache_root)
         self.forward_batches = 0  # forward passes run by this worker
@@ -188,16 +207,45 @@ def _batch(items: Sequence, modality: str) -> Any:
     return items
 
 
-def encoder_actor(encoder_spec, cache_root: str):
+def encoder_actor(encoder_spec, cache_root: str, role: str = "encoder"):
     """Start an EncoderActor for an :class:`~orchestrator.spec.EncoderSpec`.
 
-    The actor takes ``num_gpus``/``num_cpus`` from the spec. Its ``progress``
-    method runs in a separate concurrency group, so a driver can poll it while
-    ``ensure`` is extracting; every other method runs on one thread, in order.
+    The actor takes ``num_gpus``/``num_cpus`` from the spec; a request the
+    cluster can never satisfy raises :class:`EncoderResourcesError` instead of
+    leaving the actor pending forever. Its ``progress`` method runs in a
+    separate concurrency group, so a driver can poll it while ``ensure`` is
+    extracting; every other method runs on one thread, in order.
     """
+    check_encoder_fits(encoder_spec, role)
     options = {"num_cpus": encoder_spec.num_cpus, "num_gpus": encoder_spec.num_gpus,
                "name": None, "max_restarts": 1}
     return _ray_actor_class().options(**options).remote(asdict(encoder_spec), cache_root)
+
+
+def check_encoder_fits(encoder_spec, role: str = "encoder", resources: Optional[dict] = None) -> None:
+    """Raise :class:`EncoderResourcesError` if the cluster's totals
+    (``ray.cluster_resources()`` unless ``resources`` is given) can never hold
+    the encoder's actor: a single actor needs all its GPUs/CPUs on one node,
+    but the totals catch the common case (GPUs asked, none in the cluster)."""
+    if resources is None:
+        import ray
+
+        resources = ray.cluster_resources()
+    asks = {"GPU": float(encoder_spec.num_gpus or 0), "CPU": float(encoder_spec.num_cpus or 0)}
+    short = {r: n for r, n in asks.items() if n > float(resources.get(r, 0.0)) + 1e-9}
+    if not short:
+        return
+    has = ", ".join(f"{float(resources.get(r, 0.0)):g} {r}" for r in asks)
+    wants = ", ".join(f"num_{r.lower()}s={n:g}" for r, n in asks.items())
+    fixes = []
+    if "GPU" in short:
+        fixes.append(f"lower encoders.{role}.num_gpus (0 runs it on CPU) or run against a "
+                     f"cluster with GPUs (--address <head>:6379 / ray://<head>:10001)")
+    if "CPU" in short:
+        fixes.append(f"lower encoders.{role}.num_cpus or use a larger cluster")
+    raise EncoderResourcesError(
+        f"{role} encoder {encoder_spec.name!r} asks for {wants}, but the Ray cluster has only "
+        f"{has} in total, so its actor could never start. Fix: {'; '.join(fixes)}.")
 
 
 def _ray_actor_class():

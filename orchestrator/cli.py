@@ -144,6 +144,32 @@ def _cluster_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-report", action="store_true", help="skip the HTML report")
 
 
+def _cause_message(err: BaseException) -> str:
+    """The message of what went wrong inside a Ray task/actor, without Ray's wrapping:
+    the original exception (``err.cause``, followed through nested task errors),
+    else the last line of Ray's text (its traceback ends with the cause)."""
+    from ray.exceptions import RayError
+
+    for _ in range(10):
+        cause = getattr(err, "cause", None)
+        if not isinstance(cause, BaseException) or cause is err:
+            break
+        err = cause
+    if not isinstance(err, RayError):
+        return str(err) or type(err).__name__
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return lines[-1] if lines else type(err).__name__
+
+
+def _user_errors() -> tuple[type, ...]:
+    """Errors with a message meant for the user (printed without a traceback)."""
+    from orchestrator.datasets import DatasetError
+    from orchestrator.encoders import EncoderWeightsMissing
+    from orchestrator.sweep import RunDirBusy
+
+    return (EncoderWeightsMissing, DatasetError, RunDirBusy, FileNotFoundError, ValueError)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -151,9 +177,16 @@ def main(argv: list[str] | None = None) -> int:
     except SpecError as err:
         print(f"error: invalid spec: {err}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    except Exception as err:  # noqa: BLE001 -- re-raised below unless it is a user error
+        from ray.exceptions import RayActorError, RayTaskError
+
+        if isinstance(err, (RayTaskError, RayActorError)):  # raised inside an actor/task
+            print(f"error: {_cause_message(err)}", file=sys.stderr)
+            return 2
+        if isinstance(err, _user_errors()):
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        raise
 
 
 if __name__ == "__main__":

@@ -98,6 +98,9 @@ def from_dict(cls: type, data: dict, *, path: str = "") -> Any:
         return cls(**kwargs)
     except SpecError as err:  # __post_init__ checks report paths relative to cls
         raise SpecError(err.reason, path=_join(path, err.path)) from None
+    except ValueError as err:  # a config's own range check: "<field>=<value> is not ..."
+        field = str(err).split("=", 1)[0]
+        raise SpecError(str(err), path=_join(path, field if field in fields else "")) from None
 
 
 def did_you_mean(word, choices) -> str:

@@ -6,8 +6,13 @@ the directory entry reach the disk: fsync the file, rename, fsync the dir.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
+import uuid
 from pathlib import Path
+
+import numpy as np
 
 
 def fsync_path(path: Path) -> None:
@@ -17,3 +22,34 @@ def fsync_path(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically and durably.
+
+    The bytes go to a uniquely named temp file next to ``path`` (so two
+    writers never share one), which is fsynced, renamed over ``path`` and the
+    directory fsynced: a reader sees the old file or the whole new one, never
+    a mix, and a crash leaves at most a stray ``.tmp-*`` file.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".tmp-{path.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        with open(tmp, "xb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    fsync_path(path.parent)
+
+
+def atomic_save_npy(path: str | os.PathLike, array: np.ndarray) -> None:
+    """``np.save`` of ``array`` to ``path`` via :func:`atomic_write_bytes`."""
+    buffer = io.BytesIO()
+    np.save(buffer, np.asarray(array), allow_pickle=False)
+    atomic_write_bytes(path, buffer.getvalue())

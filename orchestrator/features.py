@@ -1,6 +1,7 @@
 """The feature stage: every (encoder, split, field) a sweep needs, in the store.
 
-:func:`extract_features` runs one EncoderActor per encoder and returns a
+:func:`extract_features` runs one EncoderActor per encoder, one encoder after
+the other (so two GPU-hungry encoders can share one GPU), and returns a
 :class:`FeatureSet`: the store keys and the split metadata that trials need
 (which caption belongs to which image, class labels). :func:`trial_data`
 turns a FeatureSet and one layer pair into the in-memory
@@ -14,9 +15,8 @@ from typing import Callable
 
 import numpy as np
 
+from orchestrator.actors import LOG_EVERY_S
 from trials.trial import RetrievalSet, TrialData, ZeroShotSet
-
-LOG_EVERY_S = 30.0  # seconds between progress lines while encoders extract
 
 
 @dataclass
@@ -46,30 +46,32 @@ class FeatureSet:
 
 
 def extract_features(spec, cache_root: str, log=print) -> FeatureSet:
-    """Fill the store for every split of ``spec`` with one actor per encoder."""
-    import ray
+    """Fill the store for every split of ``spec``, one encoder at a time.
 
-    from orchestrator.actors import encoder_actor
-
-    actors = {role: encoder_actor(getattr(spec.encoders, role), cache_root)
-              for role in ("image", "text")}
+    The image encoder's actor is started, runs every split and is killed
+    before the text encoder's actor starts, so the two never hold resources
+    at once (two ``num_gpus: 1`` encoders on a one-GPU box). An encoder whose
+    resources the cluster can never provide fails at once with a clear error.
+    """
     text_field = {"train": "texts", "val": "texts", "retrieval": "texts", "zero_shot": "prompts"}
-    jobs = []  # (group, name, {role: future})
-    for group, refs in (("train", [spec.data.train]), ("val", [spec.data.val]),
-                        ("zero_shot", spec.data.zero_shot), ("retrieval", spec.data.retrieval)):
-        for ref in refs:
-            futures = {"image": actors["image"].ensure.remote(asdict(ref), ["images"]),
-                       "text": actors["text"].ensure.remote(asdict(ref), [text_field[group]])}
-            jobs.append((group, ref.name, futures, text_field[group]))
-    num_layers = tuple(ray.get([actors[r].num_layers.remote() for r in ("image", "text")]))
+    jobs = [(group, ref) for group, refs in (("train", [spec.data.train]), ("val", [spec.data.val]),
+                                             ("zero_shot", spec.data.zero_shot),
+                                             ("retrieval", spec.data.retrieval))
+            for ref in refs]
+    outputs, layers = {}, {}
+    for role in ("image", "text"):
+        fields = {group: ["images"] if role == "image" else [text_field[group]] for group, _ in jobs}
+        outputs[role], layers[role] = _run_encoder(
+            role, getattr(spec.encoders, role), cache_root,
+            [(asdict(ref), fields[group]) for group, ref in jobs], log)
     splits: dict[str, dict[str, SplitFeatures]] = {"zero_shot": {}, "retrieval": {}}
     computed = cached = 0
-    for group, name, futures, field_name in jobs:
-        image, text = _get_reporting([futures["image"], futures["text"]], actors, log)
+    for (group, ref), image, text in zip(jobs, outputs["image"], outputs["text"]):
+        field_name = text_field[group]
         for out, fld in ((image, "images"), (text, field_name)):
             fresh = out["computed"][fld]
             computed, cached = computed + fresh, cached + (not fresh)
-            log(f"  features {group}/{name}/{fld}: "
+            log(f"  features {group}/{ref.name}/{fld}: "
                 + (f"computed in {out['seconds'][fld]:.1f}s" if fresh else "cached"))
         item = SplitFeatures(image=image["keys"]["images"], text=text["keys"][field_name],
                              text_to_image=text["text_to_image"], labels=image["labels"],
@@ -77,12 +79,26 @@ def extract_features(spec, cache_root: str, log=print) -> FeatureSet:
         if group in ("train", "val"):
             splits[group] = item
         else:
-            splits[group][name] = item
-    for actor in actors.values():
-        ray.kill(actor)  # free their CPUs/GPUs for the trials
+            splits[group][ref.name] = item
     return FeatureSet(train=splits["train"], val=splits["val"], zero_shot=splits["zero_shot"],
-                      retrieval=splits["retrieval"], num_layers=num_layers,
+                      retrieval=splits["retrieval"], num_layers=(layers["image"], layers["text"]),
                       computed=computed, cached=cached)
+
+
+def _run_encoder(role: str, encoder_spec, cache_root: str, tasks: list, log) -> tuple[list, int]:
+    """Start ``role``'s actor, ``ensure`` every (dataset ref, fields) of ``tasks``
+    on it, kill it; returns the outputs (in order) and its number of layers."""
+    import ray
+
+    from orchestrator.actors import encoder_actor
+
+    actor = encoder_actor(encoder_spec, cache_root, role=role)
+    try:
+        futures = [actor.ensure.remote(ref, fields) for ref, fields in tasks]
+        outputs = _get_reporting(futures, {role: actor}, log)
+        return outputs, ray.get(actor.num_layers.remote())
+    finally:
+        ray.kill(actor)  # free its CPUs/GPUs for the next encoder and the trials
 
 
 def _get_reporting(refs: list, actors: dict, log, every_s: float = LOG_EVERY_S) -> list:

@@ -68,7 +68,7 @@ def resolve_layers(rule, similarity: np.ndarray, *, seed: int = 0) -> list[tuple
 def fingerprint(config: TrialConfig, features: FeatureSet) -> str:
     i, j = config.image_layer, config.text_layer
     inputs = {"layers": [i, j], "features": features.keys(), "code": TRIAL_CODE_VERSION}
-    blob = json.dumps([dataclasses.asdict(config), inputs], sort_keys=True, default=str)
+    blob = json.dumps([config.fingerprint_fields(), inputs], sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 

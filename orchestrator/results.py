@@ -67,6 +67,11 @@ MANIFEST = "_compaction.json"
 _RANK = {"done": 0, "stopped": 1}  # which duplicate a reader keeps (lowest)
 
 
+def finished_statuses(include_stopped: bool = True) -> list[str]:
+    """Statuses a re-run skips; "stopped" only counts for ASHA runs."""
+    return list(FINISHED) if include_stopped else ["done"]
+
+
 class ResultsStore:
     def __init__(self, run_dir: str | Path):
         self.root = Path(run_dir) / "results"
@@ -103,9 +108,21 @@ class ResultsStore:
         apply before deduplication, so ``status="failed"`` returns trials
         that have a failed attempt, even if they later finished.
         """
-        files = self.files(table)
-        if not files:
-            return pd.DataFrame()
+        for attempt in range(2):
+            files = self.files(table)
+            if not files:
+                return pd.DataFrame()
+            try:
+                return self._query(table, files, filters, columns, where, dedup)
+            except OSError:  # FileNotFoundError, or pyarrow's own "failed to open"
+                # a concurrent compaction removed a listed part: its rows are in the
+                # merged file now, so one fresh listing reads them all
+                if attempt or all(f.exists() for f in files):
+                    raise
+        raise AssertionError("unreachable")
+
+    def _query(self, table: str, files: list[Path], filters, columns, where,
+               dedup: bool) -> pd.DataFrame:
         schema = _unified_schema(files)
         dataset = ds.dataset([str(f) for f in files], format="parquet", schema=schema)
         expr = where
@@ -133,9 +150,12 @@ class ResultsStore:
             frame = frame[[c for c in wanted if c in frame.columns]]
         return frame
 
-    def finished_fingerprints(self) -> set[str]:
-        """Fingerprints of trials that finished ("done" or early-"stopped")."""
-        frame = self.query("trials", {"status": list(FINISHED)}, columns=["fingerprint"])
+    def finished_fingerprints(self, include_stopped: bool = True) -> set[str]:
+        """Fingerprints of trials that finished: "done", and early-"stopped" ones
+        if ``include_stopped`` (a run whose scheduler is ASHA; a FIFO run re-runs
+        them in full)."""
+        statuses = finished_statuses(include_stopped)
+        frame = self.query("trials", {"status": statuses}, columns=["fingerprint"])
         return set(frame["fingerprint"]) if not frame.empty else set()
 
     # --- compaction -------------------------------------------------------------
@@ -229,11 +249,50 @@ def _unified_schema(files: list[Path]) -> pa.Schema:
     return pa.unify_schemas(schemas, promote_options="permissive")
 
 
-def headline_metric(trials: pd.DataFrame) -> str | None:
-    """The metric to lead with: the first zero-shot top-1, else retrieval R@1."""
-    columns = [c for c in trials.columns if trials[c].notna().any()]
-    for suffix in ("/top1", "/I2T/R@1"):
-        found = sorted(c for c in columns if c.endswith(suffix))
+PLAN_FILE = "plan.json"  # written by the driver (orchestrator.status.write_plan)
+
+
+def plan_progress(plan: str | Path | dict | None, trials: pd.DataFrame) -> dict[str, int]:
+    """``{"planned": n, "pending": n}`` of a run: its plan (a run directory, whose
+    plan.json is read, or the plan dict) against the stored ``trials``.
+
+    Grid search plans fingerprints: pending = planned ones not stored (in any
+    status). Optuna plans counts per grid (``"optuna": {grid: num_samples}``):
+    planned is their sum, pending what each grid still lacks in stored rows.
+    The one count behind ``status``, the report and ``report --watch``.
+    """
+    if plan is None:
+        plan = {}
+    elif not isinstance(plan, dict):
+        file = Path(plan) / PLAN_FILE
+        plan = json.loads(file.read_text()) if file.is_file() else {}
+    fingerprints = set(plan.get("fingerprints") or [])
+    stored = set(trials["fingerprint"]) if "fingerprint" in trials else set()
+    planned, pending = len(fingerprints), len(fingerprints - stored)
+    for grid, wanted in (plan.get("optuna") or {}).items():  # sampled trials: counts only
+        mine = int((trials["grid"] == grid).sum()) if "grid" in trials else 0
+        planned += int(wanted)
+        pending += max(0, int(wanted) - mine)
+    return {"planned": planned, "pending": pending}
+
+
+HEADLINE_SUFFIXES = ("/top1", "/official/I2T/R@1", "/I2T/R@1")
+
+
+def choose_headline(names: Iterable[str]) -> str | None:
+    """The one headline-metric rule (report, ``status``, the default Optuna
+    objective): among ``names``, the alphabetically first zero-shot top-1
+    (``zs/<set>/top1``), else the first retrieval I2T R@1 (official protocol
+    first), else None."""
+    names = list(names)
+    for suffix in HEADLINE_SUFFIXES:
+        found = sorted(n for n in names if n.endswith(suffix)
+                       and n.startswith("zs/" if suffix == "/top1" else "ret/"))
         if found:
             return found[0]
     return None
+
+
+def headline_metric(trials: pd.DataFrame) -> str | None:
+    """The metric to lead with (:func:`choose_headline` on the columns with values)."""
+    return choose_headline(c for c in trials.columns if trials[c].notna().any())

@@ -15,23 +15,31 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from orchestrator.durable import atomic_save_npy
 from orchestrator.feature_store import FeatureStore
 from orchestrator.features import FeatureSet
 from orchestrator.results import ResultsStore
+from trials.selection import sample_rows
 from trials.similarity import layer_similarity
+
+# Part of the cache key: change it whenever which rows are scored changes.
+SAMPLING = "trials.selection.sample_rows-v1"
 
 
 def similarity_key(features: FeatureSet, settings) -> str:
-    blob = json.dumps([features.train.image, features.train.text, dataclasses.asdict(settings)],
-                      sort_keys=True)
+    blob = json.dumps([features.train.image, features.train.text, dataclasses.asdict(settings),
+                       SAMPLING], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
 def compute_similarity(store: FeatureStore, features: FeatureSet, settings) -> np.ndarray:
-    """The [Li, Lj] similarity matrix on ``settings.n_samples`` training pairs."""
+    """The [Li, Lj] similarity matrix on ``settings.n_samples`` training pairs.
+
+    The pairs are the official draw (METHOD §6.1, ``trials.selection.sample_rows``),
+    in draw order: the kNN-based metrics are invariant to a common permutation.
+    """
     pairs = features.train.text_to_image
-    rng = np.random.default_rng(settings.seed)
-    rows = np.sort(rng.choice(len(pairs), size=min(settings.n_samples, len(pairs)), replace=False))
+    rows = np.asarray(sample_rows(len(pairs), settings.n_samples, settings.seed), dtype=np.int64)
     li, lj = features.num_layers
 
     def stack(key: str, n_layers: int, index: np.ndarray) -> torch.Tensor:
@@ -49,16 +57,14 @@ def similarity_stage(store: FeatureStore, results: ResultsStore, features: Featu
     """Cached similarity matrix; recorded in the run's results store."""
     key = similarity_key(features, settings)
     cache = Path(store.root).parent / "similarity" / f"{key}.npy"
-    if cache.is_file():
-        matrix = np.load(cache, allow_pickle=False)
-        log(f"  layer similarity ({settings.metric}): cached")
-    else:
-        matrix = compute_similarity(store, features, settings)
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(".tmp.npy")
-        np.save(tmp, matrix)
-        tmp.rename(cache)
-        log(f"  layer similarity ({settings.metric}): computed {matrix.shape[0]}x{matrix.shape[1]}")
+    with store.lock(f"similarity-{key}"):  # a concurrent sweep waits, then finds it cached
+        if cache.is_file():
+            matrix = np.load(cache, allow_pickle=False)
+            log(f"  layer similarity ({settings.metric}): cached")
+        else:
+            matrix = compute_similarity(store, features, settings)
+            atomic_save_npy(cache, matrix)
+            log(f"  layer similarity ({settings.metric}): computed {matrix.shape[0]}x{matrix.shape[1]}")
     stored = results.read("layer_similarity")
     if stored.empty or key not in set(stored["similarity_key"]):
         results.write("layer_similarity", _rows(matrix, key, settings))

@@ -91,6 +91,18 @@ class DataSpec:
     zero_shot: list[DatasetRef] = field(default_factory=list)
     retrieval: list[DatasetRef] = field(default_factory=list)
 
+    def __post_init__(self):
+        # results and metric names are keyed by set name: two sets of one kind
+        # with the same name would overwrite each other's metrics
+        for kind in ("zero_shot", "retrieval"):
+            seen = set()
+            for i, ref in enumerate(getattr(self, kind)):
+                if ref.name in seen:
+                    raise SpecError(f"evaluation set name {ref.name!r} is used twice; set a distinct "
+                                    f"`name:` on each {kind} entry (e.g. name: {ref.name}-{ref.split})",
+                                    path=f"{kind}[{i}].name")
+                seen.add(ref.name)
+
 
 @dataclass
 class SimilaritySpec:
@@ -119,7 +131,7 @@ class TuneSpec:
     search: Literal["grid", "optuna"] = "grid"
     scheduler: Literal["fifo", "asha"] = "fifo"
     metric: Optional[str] = None  # Optuna's objective; default: the headline metric
-    mode: Literal["max", "min"] = "max"
+    mode: Optional[Literal["max", "min"]] = None  # default: "min" for a *loss* metric, else "max"
     num_samples: int = 1  # per grid combination (grid) or per grid (optuna)
     seed: int = 0  # of sampled dimensions and of Optuna's sampler
     asha: AshaSpec = field(default_factory=AshaSpec)
@@ -171,6 +183,7 @@ class SweepSpec:
         self.search = [_check_grid(g, f"search[{i}]") for i, g in enumerate(self.search)]
         if not self.search:
             raise SpecError("needs at least one grid", path="search")
+        _check_num_samples(self)
         self.tune.metric, self.tune.mode = _objective(self)
 
     @property
@@ -261,7 +274,8 @@ def _check_grid(grid: Any, path: str) -> dict:
         raise SpecError(f"expected an integer >= 1, got {num_samples!r}", path=f"{path}.num_samples")
     sample = {k: _sampled(v, f"{path}.{k}") for k, v in grid.items()
               if _is_sampled(v) and k in TRIAL_FIELDS}
-    out = {k: (v if isinstance(v, list) and k not in ("head_options",) else [v])
+    out = {k: (v if isinstance(v, list) and k not in ("head_options",)
+               and not (k == "layers" and _is_layer_pair(v)) else [v])
            for k, v in grid.items() if k not in sample and k != "num_samples"}
     out.setdefault("name", [path.replace("search", "grid")])
     if len(out["name"]) != 1 or not isinstance(out["name"][0], str):
@@ -292,13 +306,40 @@ def _check_head(name: str, path: str) -> None:
                         f"heads: {', '.join(list_heads())}", path=path)
 
 
+def _is_layer_pair(value: Any) -> bool:
+    """``[i, j]``: exactly two ints (``layers: [3, 4]`` is one explicit pair, as
+    ``[[3, 4]]`` is; a list of rules such as ``[best, last]`` stays a list)."""
+    return (isinstance(value, (list, tuple)) and len(value) == 2
+            and all(isinstance(v, int) and not isinstance(v, bool) for v in value))
+
+
+def _check_num_samples(spec: "SweepSpec") -> None:
+    """``num_samples`` only draws sampled dimensions (or Optuna trials); on a
+    grid search without them every repeat would be the same trial."""
+    if spec.tune.search != "grid":
+        return
+    for i, grid in enumerate(spec.search):
+        n = grid.get("num_samples")
+        if n is not None and n > 1 and not grid.get("sample"):
+            raise SpecError(f"num_samples: {n} has no effect on a grid without sampled dimensions "
+                            "(every repeat is the same trial); num_samples only applies to sampled "
+                            "dimensions ({choice|uniform|loguniform|randint: ...}) or to "
+                            "tune.search: optuna. Remove it, or repeat with a `seed: [0, 1, ...]` "
+                            "dimension", path=f"search[{i}].num_samples")
+    if spec.tune.num_samples > 1 and not any(g.get("sample") for g in spec.search):
+        raise SpecError(f"num_samples: {spec.tune.num_samples} has no effect: no grid has a sampled "
+                        "dimension and tune.search is 'grid'; num_samples only applies to sampled "
+                        "dimensions ({choice|uniform|loguniform|randint: ...}) or to "
+                        "tune.search: optuna. Remove it, or repeat with a `seed: [0, 1, ...]` "
+                        "dimension", path="tune.num_samples")
+
+
 def _check_layers(value: Any, path: str) -> Union[str, tuple]:
     """all | last | best | bins | binsN | topK | lastK | [i, j] (an explicit layer pair)."""
     if isinstance(value, str) and (value in LAYER_RULES or _top_k(value) or _last_k(value)
                                    or _bins(value)):
         return value
-    if (isinstance(value, (list, tuple)) and len(value) == 2
-            and all(isinstance(v, int) and not isinstance(v, bool) for v in value)):
+    if _is_layer_pair(value):
         return tuple(value)
     raise SpecError(f"{value!r} is not a layer choice; expected one of {', '.join(LAYER_RULES)}, "
                     "'topK' (e.g. 'top3'), 'lastK' (e.g. 'last2'), 'binsN' (e.g. 'bins5') "
@@ -350,27 +391,47 @@ def _unfold_preset(combo: dict) -> dict:
 
 # --- objective --------------------------------------------------------------------
 
+ZS_METRICS = ("top1", "top1_macro", "top5")
+RET_PROTOCOLS = ("official", "standard")
+RET_DIRECTIONS = ("I2T", "T2I")
+RET_METRICS = tuple(f"{m}@{k}" for m in ("R", "P", "MAP") for k in (1, 5, 10))
+
+
+def metric_names(zero_shot: list[str], retrieval: list[str]) -> list[str]:
+    """Every metric name trials.trial.run_trial reports for these evaluation sets."""
+    return ([f"zs/{s}/{m}" for s in zero_shot for m in ZS_METRICS]
+            + [f"ret/{s}/{p}/{d}/{m}" for s in retrieval for p in RET_PROTOCOLS
+               for d in RET_DIRECTIONS for m in RET_METRICS]
+            + ["best_val_loss"])
+
+
+def default_mode(metric: str) -> str:
+    return "min" if "loss" in metric else "max"
+
+
 def _objective(spec: "SweepSpec") -> tuple[str, str]:
-    """(metric, mode) Optuna optimises; checked against the spec's evaluation sets."""
+    """(metric, mode) Optuna optimises; checked against the spec's evaluation sets.
+
+    Default metric: the headline metric (:func:`orchestrator.results.choose_headline`,
+    the rule the report and ``status`` use) among the names this spec produces.
+    Default mode: "min" for a metric whose name contains "loss", else "max".
+    """
+    from orchestrator.results import choose_headline
+
     zs = [r.name for r in spec.data.zero_shot]
     ret = [r.name for r in spec.data.retrieval]
+    valid = metric_names(zs, ret)
     metric, mode = spec.tune.metric, spec.tune.mode
     if metric is None:
-        if zs:
-            return f"zs/{zs[0]}/top1", "max"
-        if ret:
-            return f"ret/{ret[0]}/standard/I2T/R@1", "max"
-        return "best_val_loss", "min"
-    parts = metric.split("/")
-    names = {"zs": zs, "ret": ret}.get(parts[0])
-    if names is not None and (len(parts) < 3 or parts[1] not in names):
-        raise SpecError(f"{metric!r} names no evaluation set of this spec; "
-                        f"zero-shot sets: {zs}, retrieval sets: {ret} (e.g. 'zs/<set>/top1')",
+        metric = choose_headline(valid) or "best_val_loss"
+    elif metric not in valid:
+        sets = f"zero-shot sets: {zs or 'none'}; retrieval sets: {ret or 'none'}"
+        raise SpecError(f"unknown metric {metric!r}{did_you_mean(metric, valid)}; {sets}. "
+                        "Valid names: 'zs/<set>/<top1|top1_macro|top5>', "
+                        "'ret/<set>/<official|standard>/<I2T|T2I>/<R@k|P@k|MAP@k>' (k = 1, 5, 10) "
+                        f"or 'best_val_loss'; for this spec: {', '.join(valid)}",
                         path="tune.metric")
-    if names is None and metric not in ("best_val_loss", "best_epoch", "epochs_run"):
-        raise SpecError(f"unknown metric {metric!r}; expected 'zs/<set>/top1', "
-                        "'ret/<set>/<protocol>/<I2T|T2I>/R@k' or 'best_val_loss'", path="tune.metric")
-    return metric, mode
+    return metric, mode or default_mode(metric)
 
 
 # --- loading -------------------------------------------------------------------

@@ -5,9 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from orchestrator.results import ResultsStore, headline_metric
-
-PLAN_FILE = "plan.json"
+from orchestrator.results import PLAN_FILE, ResultsStore, headline_metric, plan_progress
 
 
 def write_plan(run_dir: Path, fingerprints: list[str], optuna: dict | None = None) -> None:
@@ -23,18 +21,12 @@ def run_status(run_dir: Path, metric: str | None = None) -> str:
         raise FileNotFoundError(f"{run_dir} is not a run directory (no results/ or {PLAN_FILE}); "
                                 "pass the directory that `structure-sweep run` printed")
     trials = ResultsStore(run_dir).read("trials")
-    plan = json.loads((run_dir / PLAN_FILE).read_text()) if (run_dir / PLAN_FILE).is_file() else {}
-    planned = set(plan.get("fingerprints", []))
     status = trials["status"] if not trials.empty else None
     done = trials[status == "done"] if status is not None else trials
     stopped = trials[status == "stopped"] if status is not None else trials
     failed = trials[status == "failed"] if status is not None else trials
-    pending = len(planned - set(trials.get("fingerprint", [])))
-    n_planned = len(planned)
-    for grid, wanted in (plan.get("optuna") or {}).items():  # sampled trials: counts only
-        mine = trials[trials["grid"] == grid] if not trials.empty else trials
-        pending += max(0, wanted - len(mine))
-        n_planned += wanted
+    progress = plan_progress(run_dir, trials)
+    pending, n_planned = progress["pending"], progress["planned"]
     lines = [f"run: {run_dir}",
              f"trials: {len(done)} done, {len(stopped)} stopped early, {len(failed)} failed, "
              f"{pending} pending" + (f" (of {n_planned} planned)" if n_planned else "")]

@@ -39,13 +39,14 @@ from orchestrator.feature_store import FeatureStore
 from orchestrator.features import FeatureSet, extract_features, trial_data
 from orchestrator.planning import (PlannedTrial, materialize, optuna_space, param_space,
                                    plan_trials)
-from orchestrator.results import FINISHED, ResultsStore
+from orchestrator.results import ResultsStore, finished_statuses
 from orchestrator.similarity_stage import similarity_stage
 from orchestrator.spec import SweepSpec, check_runnable, save_spec
 from orchestrator.status import write_plan
 from trials.trial import TrialConfig, run_trial
 
 COMPACT_AT_FILES = 64  # compact a table at the end of a sweep once it has this many parts
+COMPACT_EVERY_FILES = 256  # during a sweep: compact after this many new part files
 
 
 @dataclass
@@ -71,6 +72,46 @@ def run_sweep(spec: SweepSpec, *, address: str | None = None, dashboard: bool = 
     check_runnable(spec)
     run_dir = spec.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
+    with driver_lock(run_dir):
+        return _run_sweep(spec, run_dir, address=address, dashboard=dashboard, num_cpus=num_cpus,
+                          metrics_port=metrics_port, log=log)
+
+
+class RunDirBusy(RuntimeError):
+    """Another driver holds the run directory."""
+
+
+LOCK_FILE = ".driver.lock"
+
+
+@contextlib.contextmanager
+def driver_lock(run_dir: Path):
+    """An exclusive, non-blocking flock on RUN_DIR/.driver.lock for a whole sweep:
+    two drivers on one run directory would run the same trials twice and race
+    on plan.json/spec.json. The kernel releases it when the driver dies."""
+    import fcntl
+
+    path = Path(run_dir) / LOCK_FILE
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "unknown"
+            raise RunDirBusy(f"another structure-sweep run is using {run_dir} (pid {holder}); "
+                             "wait for it to finish or stop it, or pass another --out") from None
+        try:
+            f.seek(0)
+            f.truncate()
+            f.write(f"{os.getpid()}\n")
+            f.flush()
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _run_sweep(spec: SweepSpec, run_dir: Path, *, address, dashboard, num_cpus, metrics_port,
+               log) -> SweepOutcome:
     save_spec(spec, run_dir)
     cache_root = Path(spec.cache_dir) if spec.cache_dir else default_cache_dir()
     store, results = FeatureStore(cache_root / "features"), ResultsStore(run_dir)
@@ -107,10 +148,12 @@ class _Runner:
         self.monitor, self.log = monitor, log
         self.finished = self.failed = self.stopped = 0
         self.tune_seconds = 0.0
+        # early-stopped trials count as finished only under ASHA; FIFO re-runs them in full
+        self._asha = spec.tune.scheduler == "asha"
 
     def grid(self, planned: list[PlannedTrial]) -> tuple[int, int, int, int]:
         write_plan(self.spec.run_dir, [t.fingerprint for t in planned])
-        done = self.results.finished_fingerprints()
+        done = self.results.finished_fingerprints(include_stopped=self._asha)
         pending = [t for t in planned if t.fingerprint not in done]
         self.log(f"[3/3] trials: {len(planned)} planned, {len(planned) - len(pending)} already "
                  f"finished (skipped), {len(pending)} to run")
@@ -130,7 +173,8 @@ class _Runner:
             name = grid["name"][0]
             wanted = grid.get("num_samples") or self.spec.tune.num_samples
             mine = stored[stored["grid"] == name] if not stored.empty else stored
-            finished = mine[mine["status"].isin(FINISHED)] if not mine.empty else mine
+            finished = (mine[mine["status"].isin(finished_statuses(self._asha))]
+                        if not mine.empty else mine)
             planned, skipped = planned + wanted, skipped + min(wanted, len(finished))
             spaces.append((grid, name, wanted - min(wanted, len(finished)), finished))
         write_plan(self.spec.run_dir, [], optuna={g[1]: g[2] + len(g[3]) for g in spaces})
@@ -287,6 +331,10 @@ def _put_layers(store: FeatureStore, features: FeatureSet, pending: list[Planned
 
 # --- inside a Tune trial ---------------------------------------------------------------
 
+# Errors of a trial's own inputs (training diverged, CSA rank errors, bad head
+# options): a retry would fail the same way, so they become a failed row at once.
+DETERMINISTIC_ERRORS = (ValueError, FloatingPointError)
+
 _SHARED: dict = {}  # per trial process: the sweep's shared payload, fetched once
 
 
@@ -333,9 +381,11 @@ def _trainable(param: dict, shared: list):
             metrics = run_trial(data, TrialConfig(**trial["config"]), device=context["device"],
                                 on_epoch=on_epoch)
             status, error = "done", ""
+        except DETERMINISTIC_ERRORS:  # the same inputs fail the same way: record, don't retry
+            metrics, status, error = {}, "failed", traceback.format_exc()[-4000:]
         except Exception:
             if len(trials) == 1:
-                raise  # Tune retries it, then records the error
+                raise  # maybe transient (worker death, CUDA OOM): Tune retries it, then records it
             metrics, status, error = {}, "failed", traceback.format_exc()[-4000:]
         end = time.time()
         rows.append({"fingerprint": trial["fingerprint"], "status": status, "error": error,
@@ -358,8 +408,10 @@ class ResultsSink(Callback):
     """
 
     def __init__(self, results: ResultsStore, total: int, describe, monitor=None, log=print,
-                 flush_seconds: float = 1.0, scheduled_stops: bool = False):
+                 flush_seconds: float = 1.0, scheduled_stops: bool = False,
+                 compact_every: int = COMPACT_EVERY_FILES):
         self.results, self.total, self.describe, self.log = results, total, describe, log
+        self.compact_every, self.written = compact_every, 0  # parts since the last compaction
         self.monitor, self.scheduled_stops = monitor, scheduled_stops
         self.flush_seconds, self.last_flush = flush_seconds, time.monotonic()
         self.buffer: list[dict] = []
@@ -431,8 +483,13 @@ class ResultsSink(Callback):
                  f"seed={row['config/seed']}  {summary}")
 
     def flush(self):
-        self.results.write("trials", self.buffer)
+        written = self.results.write("trials", self.buffer)
         self.buffer, self.last_flush = [], time.monotonic()
+        if written is not None:
+            self.written += 1
+            if self.written >= self.compact_every:  # a long sweep: keep the part count bounded
+                self.results.compact("trials")
+                self.written = 0
 
 
 _TUNE_KEYS = {"trial_complete", "rows_json", "time_this_iter_s", "time_total_s", "timestamp",

@@ -10,9 +10,10 @@ modality; ``list_heads()`` names them. Registered heads:
 - ``mlp``: ours. A plain MLP whose hidden layers really train, shaped like the
   official (unused) ``MLPAlignmentLayer`` (§4.2).
 - ``csa``: the CSA map ``x -> (x - mean) W`` (§4.4). It is fitted in closed
-  form by :func:`fit_csa`, not by gradient descent; ``build_head("csa", ...)``
-  gives an unfitted module (random ``W``) so that every head shares one
-  interface, and ``CSAFit.heads()`` gives the fitted pair.
+  form by :func:`fit_csa`, not by gradient descent, so it is listed by
+  ``list_heads()`` but not built by ``build_head``; its options are
+  :func:`fit_csa`'s. ``check_head_options`` checks any head's options
+  without building it.
 """
 
 from __future__ import annotations
@@ -42,9 +43,31 @@ def register_head(name: str):
     return decorate
 
 
-def list_heads() -> list[str]:
-    """Names of the registered heads, sorted."""
-    return sorted(_HEADS)
+# Heads fitted in closed form rather than trained; their options are the keyword
+# options of the fitting function (filled in below the fitting code).
+CLOSED_FORM_HEADS: dict[str, Callable] = {}
+
+
+def list_heads(*, trainable_only: bool = False) -> list[str]:
+    """Names of the heads, sorted: the trainable ones and (unless ``trainable_only``) ``csa``."""
+    return sorted(_HEADS if trainable_only else {**_HEADS, **CLOSED_FORM_HEADS})
+
+
+def check_head_options(name: str, options: dict) -> None:
+    """ValueError unless ``name`` is a head and ``options`` are all options it accepts.
+
+    Checks names only (values are checked when the head is built or fitted);
+    builds nothing. For ``csa`` the options are :func:`fit_csa`'s, less ``seed``
+    (a trial passes its own).
+    """
+    if name in CLOSED_FORM_HEADS:
+        params = inspect.signature(CLOSED_FORM_HEADS[name]).parameters
+        allowed = [p for p, v in params.items() if v.kind is v.KEYWORD_ONLY and p != "seed"]
+        _report_unknown(name, options, allowed)
+        return
+    if name not in _HEADS:
+        raise ValueError(f"unknown head {name!r}; registered heads: {', '.join(list_heads())}")
+    _check_options(name, _HEADS[name], options)
 
 
 def build_head(name: str, in_dim: int, out_dim: int, *, seed: int | None = None,
@@ -55,6 +78,8 @@ def build_head(name: str, in_dim: int, out_dim: int, *, seed: int | None = None,
     global RNG (it runs under ``torch.random.fork_rng``). Unknown names or
     options raise ValueError listing what is allowed.
     """
+    if name in CLOSED_FORM_HEADS:
+        raise ValueError(f"head {name!r} is fitted in closed form: use trials.heads.fit_csa")
     if name not in _HEADS:
         raise ValueError(f"unknown head {name!r}; registered heads: {', '.join(list_heads())}")
     builder = _HEADS[name]
@@ -67,7 +92,10 @@ def build_head(name: str, in_dim: int, out_dim: int, *, seed: int | None = None,
 
 
 def _check_options(name: str, builder, options: dict) -> None:
-    allowed = list(inspect.signature(builder).parameters)[2:]
+    _report_unknown(name, options, list(inspect.signature(builder).parameters)[2:])
+
+
+def _report_unknown(name: str, options: dict, allowed: list) -> None:
     unknown = sorted(set(options) - set(allowed))
     if unknown:
         raise ValueError(f"head {name!r} has no option(s) {unknown}; allowed: {allowed}")
@@ -152,36 +180,6 @@ class MLPHead(nn.Sequential):
 # ------------------------------------------------------------------------------ csa
 
 
-@register_head("csa")
-class CSAHead(nn.Module):
-    """``x -> (x - mean) W``: one view of a CSA/CCA map (§4.4).
-
-    Fitted in closed form (``closed_form = True``: trainers should call
-    :func:`fit_csa` instead of gradient training). Unfitted, ``mean`` is 0
-    and ``W`` has ``nn.Linear``'s default init.
-    """
-
-    closed_form = True
-
-    def __init__(self, in_dim: int, out_dim: int):
-        super().__init__()
-        self.register_buffer("mean", torch.zeros(in_dim))
-        self.weight = nn.Parameter(torch.empty(out_dim, in_dim))
-        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))  # nn.Linear's default
-
-    @classmethod
-    def from_fit(cls, mean: torch.Tensor, weight: torch.Tensor) -> "CSAHead":
-        """A fitted head from a mean [in] and a projection [in, out], in their dtype and device."""
-        head = cls(weight.shape[0], weight.shape[1]).to(device=weight.device, dtype=weight.dtype)
-        with torch.no_grad():
-            head.mean.copy_(mean)
-            head.weight.copy_(weight.T)
-        return head
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self.mean) @ self.weight.T
-
-
 @dataclass
 class CSAFit:
     """A fitted CSA: per-view means and projections, float64 (§4.4, §11).
@@ -231,11 +229,6 @@ class CSAFit:
             zx = zx * weights[weighting][:dim].to(zx)
         return zx @ zy.T
 
-    def heads(self) -> tuple[CSAHead, CSAHead]:
-        """The fitted maps as two ``CSAHead`` modules (float64 parameters)."""
-        return (CSAHead.from_fit(self.mean_x, self.weight_x),
-                CSAHead.from_fit(self.mean_y, self.weight_y))
-
 
 def _project(x, mean: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     x = torch.as_tensor(x)
@@ -275,6 +268,9 @@ def fit_csa(x_train, y_train, dim: int, *, refine: bool = False, lambda_rs: floa
         wx, wy = _refine(xc, yc, wx, wy, whiten=whiten, **opts)
     corr = _structure_corr(xc @ wx, yc @ wy)
     return CSAFit(mean_x, mean_y, wx, wy, rho, x.shape[0], corr)
+
+
+CLOSED_FORM_HEADS["csa"] = fit_csa
 
 
 def canonical_weights(xc: torch.Tensor, yc: torch.Tensor, dim: int):

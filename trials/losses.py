@@ -23,20 +23,13 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-WEIGHTINGS = ("none", "inverse")
-CENTERINGS = ("none", "mean", "standard")
-DISTANCES = ("cosine", "rbf", "spearman")
-DIVERGENCES = ("official", "js")
+from trials._checks import check_choice as _check_choice
+from trials.config import CENTERINGS, DISTANCES, DIVERGENCES, WEIGHTINGS
 
 EPS = 1e-12  # R_S's eps inside every log and on M, and normalize's floor (§1, §3)
 UNIT_NORM_TOL = 1e-6  # safe_norm leaves rows alone within this of norm 1 (§1)
 
 Extra = Optional[Tuple[torch.Tensor, torch.Tensor]]
-
-
-def _check_choice(name: str, value: object, allowed: tuple) -> None:
-    if value not in allowed:
-        raise ValueError(f"{name}={value!r} is not supported; allowed values: {', '.join(map(repr, allowed))}")
 
 
 def _check_structure_options(levels, temperature, weighting, centering, distance, divergence) -> None:

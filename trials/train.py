@@ -23,6 +23,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from trials._checks import check_choice as _check_choice
+
 LR_FINDER_START = 1e-7  # §5.2
 LR_FINDER_SUBSET = 5000  # §5.2: the finder sees at most this many rows
 EPOCH_CYCLES = 50  # §5.3: T_max = 50 epochs' worth of full batches
@@ -66,12 +68,7 @@ class TrainResult:
     best_epoch: int = -1  # -1: no epoch had a finite val loss; initial weights kept
     best_val_loss: float = math.inf
     lr: float = math.nan
-    stopped: str = "max_epochs"  # "early_stopping" | "callback" | "max_epochs"
-
-
-def _check_choice(name, value, allowed):
-    if value not in allowed:
-        raise ValueError(f"{name}={value!r} is not supported; allowed values: {', '.join(allowed)}")
+    stopped: str = "max_epochs"  # "early_stopping" | "callback" | "diverged" | "max_epochs"
 
 
 # ------------------------------------------------------------------ the loop
@@ -129,6 +126,11 @@ def _fit(heads, loss_fn, data, extras, config, gen, on_epoch) -> TrainResult:
         worse_epochs = worse_epochs + 1 if not val_value <= result.best_val_loss else 0
         if on_epoch is not None and on_epoch(epoch, dict(row)):
             result.stopped = "callback"
+            break
+        # ours: a non-finite training loss means the weights are gone; waiting `patience`
+        # more epochs cannot bring them back (NaN last_lr: no step ran, nothing diverged)
+        if not math.isfinite(train_value) and not math.isnan(last_lr):
+            result.stopped = "diverged"
             break
         if worse_epochs >= config.patience:
             result.stopped = "early_stopping"

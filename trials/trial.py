@@ -108,7 +108,8 @@ def _train_heads(train_image, train_text, data, config, to, on_epoch):
 
 
 def _fit_csa(train_image, train_text, config):
-    csa = fit_csa(train_image, train_text, config.out_dim, **config.head_options)
+    csa = fit_csa(train_image, train_text, config.out_dim, seed=config.seed,
+                  **config.head_options)
     summary = {"best_val_loss": float("nan"), "best_epoch": 0, "epochs_run": 0,
                "lr_used": float("nan"), "stopped": "closed_form"}
     return csa.transform_x, csa.transform_y, summary

@@ -25,7 +25,13 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from orchestrator.datasets import DatasetError, Split, fingerprint, register_dataset
-from orchestrator.datasets.files import ImageFiles, LazyImages, files_identity, require, tree_identity
+from orchestrator.datasets.files import (
+    ImageFiles,
+    LazyImages,
+    files_identity,
+    require,
+    tree_identity,
+)
 from orchestrator.datasets.templates import (
     CLASSNAMES,
     DEFAULT_TEMPLATE,
@@ -94,10 +100,12 @@ def _templates(dataset: str, templates, extended_prompts: bool) -> list[str]:
 
 def torchvision_split(name: str, split: str, *, root: Optional[str] = None, templates=None,
                       extended_prompts: bool = True, max_images: Optional[int] = None,
-                      **dataset_options: Any) -> Split:
+                      seed: int = 0, **dataset_options: Any) -> Split:
     """``split`` of the torchvision dataset ``name`` read from ``root``.
 
     ``dataset_options`` go to the torchvision class (e.g. ``partition`` of DTD).
+    ``max_images``: a seeded (``seed``), class-stratified subset of that many
+    images (:func:`stratified_subset`).
     """
     source = TORCHVISION[name]
     layout = (f"expected layout: <root>/{source.folder}/ holding {source.files}, as read by "
@@ -107,10 +115,15 @@ def torchvision_split(name: str, split: str, *, root: Optional[str] = None, temp
     if split not in source.splits:
         raise DatasetError(f"dataset {name!r} has splits {sorted(source.splits)}, not {split!r}")
     dataset = _open_torchvision(name, source, Path(root).expanduser(), split, dataset_options, layout)
-    labels = _labels(dataset)[:max_images]
+    labels = _labels(dataset)
+    keep = list(range(len(labels)))
+    if max_images is not None and max_images < len(labels):
+        keep = stratified_subset(labels, max_images, seed)
+        labels = labels[keep]
     class_names = CLASSNAMES.get(name) or [str(c).replace("_", " ") for c in dataset.classes]
-    identity = fingerprint(name, split, dataset_options, max_images, tree_identity(folder))
-    return classification_split(name, images=LazyImages(len(labels), lambda i: dataset[i][0]),
+    subset = None if max_images is None else [max_images, seed]
+    identity = fingerprint(name, split, dataset_options, subset, tree_identity(folder))
+    return classification_split(name, images=LazyImages(len(labels), lambda i: dataset[keep[i]][0]),
                                 labels=labels, class_names=class_names,
                                 templates=_templates(name, templates, extended_prompts), identity=identity)
 
@@ -148,12 +161,14 @@ extensions .jpg .jpeg .png .bmp .gif .webp .tif .tiff .ppm."""
 
 @register_dataset("image_folder")
 def image_folder(split: str, *, root: Optional[str] = None, class_names=None, templates=None,
-                 extended_prompts: bool = True, max_images: Optional[int] = None) -> Split:
+                 extended_prompts: bool = True, max_images: Optional[int] = None,
+                 seed: int = 0) -> Split:
     """Labelled images from ``<root>/<split>/<class>/<image>`` (``split="all"``:
     ``<root>/<class>/<image>``). ``class_names``: a list in sorted folder order,
     a mapping folder -> name, or a name in ``templates.CLASSNAMES``; default:
     the folder names with ``_`` as spaces. ``templates`` default to the single
-    "a photo of a {c}" prompt."""
+    "a photo of a {c}" prompt. ``max_images``: a seeded (``seed``),
+    class-stratified subset of that many images (see :func:`stratified_subset`)."""
     base = require("image_folder", root, IMAGE_FOLDER_LAYOUT, "root")
     split_dir = base if split == "all" else require("image_folder", base / split, IMAGE_FOLDER_LAYOUT,
                                                     f"split folder for {split!r}")
@@ -161,12 +176,40 @@ def image_folder(split: str, *, root: Optional[str] = None, class_names=None, te
     paths, labels = _folder_images(split_dir, folders)
     if not paths:
         raise DatasetError(f"dataset 'image_folder': no images under {split_dir}.\n{IMAGE_FOLDER_LAYOUT}")
-    paths, labels = paths[:max_images], labels[:max_images]
+    if max_images is not None and max_images < len(paths):
+        keep = stratified_subset(labels, max_images, seed)
+        paths, labels = [paths[i] for i in keep], [labels[i] for i in keep]
     names = _folder_class_names(folders, class_names)
     identity = fingerprint(folders, files_identity("image_folder", paths, split_dir, IMAGE_FOLDER_LAYOUT))
     return classification_split("image_folder", images=ImageFiles(paths), labels=np.asarray(labels),
                                 class_names=names, identity=identity,
                                 templates=_templates("image_folder", templates, extended_prompts))
+
+
+def stratified_subset(labels: Sequence[int], n: int, seed: int = 0) -> list[int]:
+    """Indices of ``n`` items spread evenly over the classes of ``labels``.
+
+    Each class's items are shuffled, and the classes are visited round-robin
+    in a shuffled order (both from ``seed``), one item per class per round,
+    until ``n`` are taken: class sizes differ by at most one unless a class
+    runs out, and with ``n >= #classes`` no class is dropped. Returned in
+    ascending index order (the input's class-sorted order).
+    """
+    if n < 0:
+        raise DatasetError(f"max_images must be >= 0, not {n}")
+    rng = np.random.default_rng(seed)
+    by_class: dict[int, list[int]] = {}
+    for i, label in enumerate(labels):
+        by_class.setdefault(int(label), []).append(i)
+    queues = [list(rng.permutation(by_class[c])) for c in rng.permutation(sorted(by_class))]
+    keep: list[int] = []
+    while len(keep) < n and queues:
+        for queue in queues:
+            if len(keep) == n:
+                break
+            keep.append(int(queue.pop()))
+        queues = [q for q in queues if q]
+    return sorted(keep)
 
 
 def _folder_images(split_dir: Path, folders: list[str]) -> tuple[list[Path], list[int]]:
@@ -198,4 +241,5 @@ def _folder_class_names(folders: list[str], class_names) -> list[str]:
     return [str(c) for c in class_names]
 
 
-__all__ = ["TORCHVISION", "TEMPLATES", "classification_split", "image_folder", "torchvision_split"]
+__all__ = ["TORCHVISION", "TEMPLATES", "classification_split", "image_folder", "stratified_subset",
+           "torchvision_split"]

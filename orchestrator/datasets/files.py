@@ -3,9 +3,10 @@
 Fingerprints identify content cheaply, never location, so a moved dataset
 keeps its cached features:
 
-* small metadata files (annotation JSON, caption CSV, a Parquet table) are
-  hashed byte for byte (a COCO captions JSON is ~90 MB: ~0.1 s, and memoised
-  per process on (path, size, mtime));
+* metadata files (annotation JSON, caption CSV, a Parquet table) are not
+  hashed as files: the split fingerprints hash what was parsed from them
+  (caption texts, image/caption pairing, labels), so a reformatted file with
+  the same content keeps its key and any edit to that content changes it;
 * image files and dataset trees are identified by their relative names,
   sizes and modification times: one ``stat`` per file, no reading. An edited
   image gets a new mtime and so a new key; a copy that does not keep mtimes
@@ -20,8 +21,6 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 from orchestrator.datasets import DatasetError
-
-_DIGESTS: dict[tuple, str] = {}  # (path, size, mtime_ns) -> sha256, per process
 
 
 class LazyImages(Sequence):
@@ -69,19 +68,6 @@ def require(dataset: str, path: str | os.PathLike | None, layout: str, what: str
     if not path.exists():
         raise DatasetError(f"dataset {dataset!r}: {what} {str(path)!r} does not exist.\n{layout}")
     return path
-
-
-def file_digest(path: Path) -> str:
-    """sha256 of a (metadata) file's bytes, memoised per process."""
-    stat = path.stat()
-    memo = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
-    if memo not in _DIGESTS:
-        digest = hashlib.sha256()
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 22), b""):
-                digest.update(chunk)
-        _DIGESTS[memo] = digest.hexdigest()
-    return _DIGESTS[memo]
 
 
 def files_identity(dataset: str, paths: Iterable[Path], base: Path, layout: str) -> str:

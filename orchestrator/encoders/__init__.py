@@ -11,6 +11,7 @@ from __future__ import annotations
 import abc
 import hashlib
 import importlib
+import json
 import os
 import pathlib
 from typing import Any, Callable, Iterable
@@ -27,6 +28,8 @@ _BUILTIN_MODULES = {
 _REGISTRY: dict[str, Callable[..., "Encoder"]] = {}
 # Compute dtypes an encoder may run in; features always come back as float32.
 DTYPES = ("float32", "bfloat16", "float16")
+# Name prefixes that mark a model reference as a local path, never a Hub id.
+_PATH_PREFIXES = ("/", "./", "../", "~")
 
 
 class UnknownEncoderError(ValueError):
@@ -77,6 +80,11 @@ def weights_digest(paths: Iterable[str | os.PathLike]) -> str:
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 digest.update(chunk)
     return digest.hexdigest()
+
+
+def _jsonable(value: Any) -> Any:
+    """Plain JSON types (tuples become lists, paths and other objects strings)."""
+    return json.loads(json.dumps(value, sort_keys=True, default=str))
 
 
 def torch_dtype(name: str) -> Any:

@@ -36,7 +36,6 @@ padding (positions shifted by the pads).
 from __future__ import annotations
 
 import inspect
-import json
 import os
 import pathlib
 from typing import Any, Sequence
@@ -46,8 +45,10 @@ import torch
 from transformers import AutoModel, AutoTokenizer
 
 from orchestrator.encoders import (
+    _PATH_PREFIXES,
     Encoder,
     EncoderWeightsMissing,
+    _jsonable,
     register_encoder,
     snapshot_commit,
     torch_dtype,
@@ -62,7 +63,6 @@ LAYER_INDEXING = "hf-hidden-states-v1: 0 = embedding output, i = output of layer
 # Files of a local model directory that determine its features (weights,
 # config, tokenizer); other weight formats (ONNX, TF, Rust) are never loaded.
 _HASHED_SUFFIXES = (".safetensors", ".bin", ".json", ".txt", ".model")
-_PATH_PREFIXES = ("/", "./", "../", "~")
 # from_pretrained options that the tokenizer needs too.
 _TOKENIZER_OPTIONS = ("revision", "trust_remote_code", "cache_dir", "token", "subfolder")
 
@@ -278,8 +278,3 @@ def _hub_commit(repo_id: str, revision: str | None) -> str | None:
 def _check_choice(key: str, value: Any, allowed: Sequence[str]) -> None:
     if value not in allowed:
         raise ValueError(f"hf encoder: unknown {key} {value!r}, expected one of {list(allowed)}")
-
-
-def _jsonable(value: Any) -> Any:
-    """Plain JSON types (tuples become lists, paths and other objects strings)."""
-    return json.loads(json.dumps(value, sort_keys=True, default=str))

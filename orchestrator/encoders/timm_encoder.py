@@ -45,9 +45,11 @@ from PIL import Image
 from timm.data import create_transform, resolve_data_config
 
 from orchestrator.encoders import (
+    _PATH_PREFIXES,
     Encoder,
     EncoderWeightsMissing,
     UnknownEncoderError,
+    _jsonable,
     register_encoder,
     snapshot_commit,
     torch_dtype,
@@ -58,7 +60,6 @@ POOLS = ("cls", "mean")
 # Part of identity(): change it whenever the meaning of a layer index changes.
 LAYER_INDEXING = "timm-blocks-prenorm-v1: i = output of blocks[i], final norm not applied, no embedding layer"
 _WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
-_PATH_PREFIXES = ("/", "./", "../", "~")
 # Files of a timm Hub-layout folder that determine the model.
 _FOLDER_FILES = (".safetensors", ".bin", ".pth", ".json")
 # Weight files a timm Hub repo may hold, in the order timm tries them.
@@ -359,8 +360,3 @@ def _to_rgb(image: Any) -> Image.Image:
     if not isinstance(image, Image.Image):
         image = Image.fromarray(np.asarray(image))
     return image.convert("RGB")
-
-
-def _jsonable(value: Any) -> Any:
-    """Plain JSON types (tuples become lists, paths and other objects strings)."""
-    return json.loads(json.dumps(value, sort_keys=True, default=str))

@@ -100,3 +100,26 @@ def test_cli_report_writes_the_file(toy_run, capsys):
 def test_a_half_written_json_does_not_break_the_report(toy_run, bad):
     (toy_run / bad).write_text("{not json")
     assert write_report(toy_run).is_file()
+
+
+def test_watch_stops_on_a_finished_optuna_sweep(toy_run):
+    """An Optuna plan has no fingerprints, only counts per grid; status, the report's
+    counts and --watch share one count (orchestrator.results.plan_progress)."""
+    from orchestrator.results import plan_progress
+    from orchestrator.status import run_status
+
+    trials = D.load_run(toy_run).trials
+    per_grid = trials.groupby("grid").size().to_dict()
+    plan = {"fingerprints": [], "optuna": {g: n + (g == next(iter(per_grid))) for g, n in per_grid.items()}}
+    (toy_run / "plan.json").write_text(json.dumps(plan))
+    assert plan_progress(toy_run, trials) == {"planned": len(trials) + 1, "pending": 1}
+    assert G.trial_counts(D.load_run(toy_run))["pending"] == 1
+    assert "1 pending" in run_status(toy_run)
+    assert watch(toy_run, interval=0.01, max_rounds=2, log=lambda *_: None).is_file()
+
+    plan["optuna"] = per_grid  # every sampled trial stored: the sweep is finished
+    (toy_run / "plan.json").write_text(json.dumps(plan))
+    assert plan_progress(plan, trials) == {"planned": len(trials), "pending": 0}
+    logs = []
+    watch(toy_run, interval=0.01, log=logs.append)  # returns at once
+    assert logs == []

@@ -101,3 +101,56 @@ def test_batches_open_paths_for_images_only(tmp_path):
     assert all(isinstance(i, Image.Image) and i.mode == "RGB" for i in images)
     assert _batch([str(path)], "text") == [str(path)]
     assert _batch(np.ones((2, 3)), "image").shape == (2, 3)
+
+
+def test_encoder_asking_for_a_gpu_on_a_cpu_cluster_fails_fast_and_clearly(ray_cluster, tmp_path, tiny):
+    import time
+
+    import yaml
+
+    from orchestrator.actors import EncoderResourcesError
+    from orchestrator.features import extract_features
+    from orchestrator.spec import load_spec
+
+    tiny["encoders"]["text"]["num_gpus"] = 1
+    spec_file = tmp_path / "tiny.yaml"
+    spec_file.write_text(yaml.safe_dump({**tiny, "cache_dir": str(tmp_path / "cache")}))
+    spec = load_spec(spec_file)
+    start = time.monotonic()
+    with pytest.raises(EncoderResourcesError) as err:
+        extract_features(spec, str(tmp_path / "cache" / "features"), log=lambda *_: None)
+    assert time.monotonic() - start < 60
+    message = str(err.value)
+    assert "text encoder 'synthetic:text'" in message and "num_gpus=1" in message
+    assert "0 GPU" in message and "encoders.text.num_gpus" in message and "--address" in message
+
+
+def test_resource_check_against_given_totals():
+    from orchestrator.actors import EncoderResourcesError, check_encoder_fits
+    from orchestrator.spec import EncoderSpec
+
+    gpu = EncoderSpec(name="synthetic:image", num_gpus=1)
+    check_encoder_fits(gpu, "image", {"CPU": 4.0, "GPU": 1.0})  # fits
+    with pytest.raises(EncoderResourcesError, match="image encoder"):
+        check_encoder_fits(gpu, "image", {"CPU": 4.0})
+    with pytest.raises(EncoderResourcesError, match="num_cpus"):
+        check_encoder_fits(EncoderSpec(name="synthetic:image", num_cpus=8), "image", {"CPU": 4.0})
+
+
+def test_device_auto_resolves_in_the_worker_and_keeps_the_cache_key(tmp_path, folder):
+    import torch
+
+    from orchestrator.actors import resolve_device
+
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert resolve_device("auto") == expected and resolve_device(None) == expected
+    assert resolve_device("cpu") == "cpu"
+    torch.manual_seed(0)
+    auto = EncoderWorker({**TINY_VIT, "device": "auto"}, str(tmp_path / "cache"))
+    assert str(auto.encoder.device) == expected
+    cpu = tiny_vit_worker(tmp_path / "cache")
+    if expected == "cpu":
+        assert auto.identity() == cpu.identity()
+        first = auto.ensure(folder, ["images"])
+        second = cpu.ensure(folder, ["images"])
+        assert second["keys"] == first["keys"] and second["computed"] == {"images": False}

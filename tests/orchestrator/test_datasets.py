@@ -254,3 +254,32 @@ def test_dtd_through_torchvision(tmp_path):
     assert split.prompts[0][0] == "a photo of a banded texture." and len(split.prompts[0]) == 8
     with pytest.raises(DatasetError, match="dataset 'dtd' has splits"):
         load_split("dtd", "holdout", {"root": str(tmp_path)})
+
+
+def test_image_folder_max_images_keeps_every_class_seeded(tmp_path):
+    from collections import Counter
+
+    from orchestrator.datasets.classification import stratified_subset
+
+    root = tmp_path / "folder"
+    for c, cls in enumerate(["a", "b", "c", "d"]):
+        for i in range(5):
+            write_image(root / "train" / cls / f"{i}.png", 10 * c + i)
+    opts = {"root": str(root), "max_images": 6}
+    split = load_split("image_folder", "train", opts)
+    counts = Counter(split.labels.tolist())
+    assert len(split.labels) == 6 and set(counts) == {0, 1, 2, 3}  # no class dropped
+    assert max(counts.values()) - min(counts.values()) <= 1
+    assert list(split.labels) == sorted(split.labels)  # still class-sorted
+    again = load_split("image_folder", "train", opts)
+    assert [p.name for p in again.images.paths] == [p.name for p in split.images.paths]
+    assert again.fingerprint == split.fingerprint
+    others = [load_split("image_folder", "train", {**opts, "seed": s}) for s in range(1, 6)]
+    assert any(o.images.paths != split.images.paths for o in others)
+    assert any(o.fingerprint != split.fingerprint for o in others)
+    full = load_split("image_folder", "train", {"root": str(root), "max_images": 100})
+    assert len(full.labels) == 20
+    # uneven classes: a small class runs out, the rest share what is left
+    uneven = [0] * 10 + [1] + [2] * 10
+    keep = stratified_subset(uneven, 9, seed=0)
+    assert Counter(uneven[i] for i in keep) == Counter({0: 4, 1: 1, 2: 4})

@@ -165,3 +165,86 @@ def test_a_trial_fetches_only_its_two_layers(tmp_path):
     assert set(fetched) == {("img", 3), ("txt", 1), ("prompts", 1)}
     np.testing.assert_array_equal(data.train_image, store.layer("img", 3))
     assert data.zero_shot["zs"].prompts.shape == (3, 2, 4)
+
+
+def test_atomic_save_npy_replaces_whole_file_and_leaves_no_temp(tmp_path):
+    from orchestrator.durable import atomic_save_npy, atomic_write_bytes
+
+    path = tmp_path / "sub" / "m.npy"
+    atomic_save_npy(path, np.arange(6.0).reshape(2, 3))
+    atomic_save_npy(path, np.ones((3, 2)))
+    np.testing.assert_array_equal(np.load(path), np.ones((3, 2)))
+    atomic_write_bytes(tmp_path / "b.bin", b"abc")
+    assert (tmp_path / "b.bin").read_bytes() == b"abc"
+    assert not list(tmp_path.rglob(".tmp-*"))
+
+
+def _similarity_inputs(tmp_path, n=50):
+    from orchestrator.features import FeatureSet, SplitFeatures
+
+    store = FeatureStore(tmp_path / "features")
+    rng = np.random.default_rng(0)
+    store.put("img", rng.standard_normal((n // 2, 2, 4)).astype(np.float32))
+    store.put("txt", rng.standard_normal((n, 3, 4)).astype(np.float32))
+    train = SplitFeatures(image="img", text="txt", text_to_image=np.arange(n) // 2)
+    return store, FeatureSet(train=train, val=train, zero_shot={}, retrieval={}, num_layers=(2, 3))
+
+
+def test_similarity_scores_the_official_row_sample(tmp_path, monkeypatch):
+    import torch
+
+    import orchestrator.similarity_stage as stage
+    from orchestrator.spec import SimilaritySpec
+    from trials.selection import sample_rows
+
+    store, features = _similarity_inputs(tmp_path)
+    seen = {}
+
+    def fake(x, y, **_):
+        seen["x"], seen["y"] = x, y
+        return torch.zeros(x.shape[0], y.shape[0])
+
+    monkeypatch.setattr(stage, "layer_similarity", fake)
+    settings = SimilaritySpec(n_samples=20, seed=3, k=3)
+    assert stage.compute_similarity(store, features, settings).shape == (2, 3)
+    rows = sample_rows(50, 20, 3)
+    np.testing.assert_array_equal(seen["y"][1].numpy(), store.layer("txt", 1)[rows])
+    np.testing.assert_array_equal(seen["x"][0].numpy(), store.layer("img", 0)[rows // 2])
+
+
+def test_concurrent_similarity_stages_compute_once(tmp_path, monkeypatch):
+    import threading
+
+    import pandas as pd
+
+    import orchestrator.similarity_stage as stage
+    from orchestrator.spec import SimilaritySpec
+
+    store, features = _similarity_inputs(tmp_path)
+    calls, real = [], stage.compute_similarity
+
+    def counting(*args):
+        calls.append(1)
+        return real(*args)
+
+    class Results:  # the run's results store, reduced to what the stage uses
+        def read(self, table):
+            return pd.DataFrame()
+
+        def write(self, table, rows):
+            pass
+
+    monkeypatch.setattr(stage, "compute_similarity", counting)
+    settings = SimilaritySpec(n_samples=30, k=3)
+    out = []
+    threads = [threading.Thread(target=lambda: out.append(
+        stage.similarity_stage(store, Results(), features, settings, log=lambda *_: None)))
+        for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1 and len(out) == 3
+    for matrix in out:
+        np.testing.assert_array_equal(matrix, out[0])
+    assert not list((tmp_path / "similarity").glob(".tmp-*"))

@@ -179,3 +179,76 @@ def test_tune_options_are_checked(tmp_path):
 def test_shipped_specs_validate_without_their_variables(name):
     spec = load_spec(DEMO.parent / name)
     assert spec.search
+
+
+def test_two_ints_are_one_explicit_layer_pair(tmp_path):
+    spec = load_spec(write_spec(tmp_path, lambda d: d.update(search={"layers": [3, 4]})))
+    assert spec.search[0]["layers"] == [(3, 4)]
+    assert count_trials(spec, (6, 6)) == (1, True)
+    nested = load_spec(write_spec(tmp_path, lambda d: d.update(search={"layers": [[3, 4]]})))
+    assert nested.search[0]["layers"] == [(3, 4)]
+    rules = load_spec(write_spec(tmp_path, lambda d: d.update(search={"layers": ["best", "last"]})))
+    assert rules.search[0]["layers"] == ["best", "last"]
+
+
+def test_tune_mode_defaults_by_metric_and_metric_names_are_checked(tmp_path):
+    def tune(**t):
+        return load_spec(write_spec(tmp_path, lambda d: d.update(tune={"search": "optuna", **t}))).tune
+
+    assert tune(metric="best_val_loss").mode == "min"
+    assert tune(metric="zs/synthetic-classes/top5").mode == "max"
+    assert tune(metric="ret/synthetic-captions/official/T2I/MAP@10").mode == "max"
+    assert tune(metric="best_val_loss", mode="max").mode == "max"
+    for bad in ("zs/synthetic-classes/top3", "ret/synthetic-captions/official/I2T/R@2",
+                "ret/synthetic-captions/strict/I2T/R@1", "val_loss", "zs/synthetic-classes"):
+        with pytest.raises(SpecError, match="tune.metric") as info:
+            tune(metric=bad)
+        assert "zs/synthetic-classes/top1" in str(info.value)  # lists the valid names
+
+
+def test_default_objective_is_the_headline_metric(tmp_path):
+    from orchestrator.results import choose_headline, headline_metric
+    import pandas as pd
+
+    def two_sets(d):
+        d["data"]["zero_shot"] = [{"dataset": "synthetic", "split": "test", "name": n} for n in ("zz", "aa")]
+    assert load_spec(write_spec(tmp_path, two_sets)).tune.metric == "zs/aa/top1"  # not spec order
+
+    def retrieval_only(d):
+        d["data"]["zero_shot"] = []
+    metric = load_spec(write_spec(tmp_path, retrieval_only)).tune.metric
+    columns = ["ret/synthetic-captions/standard/I2T/R@1", "ret/synthetic-captions/official/I2T/R@1"]
+    assert metric == headline_metric(pd.DataFrame({c: [0.5] for c in columns}))
+    assert metric == choose_headline(columns) == "ret/synthetic-captions/official/I2T/R@1"
+
+
+@pytest.mark.parametrize("kind", ["zero_shot", "retrieval"])
+def test_duplicate_evaluation_set_names_are_rejected(tmp_path, kind):
+    def dup(d):
+        d["data"][kind] = [{"dataset": "synthetic", "split": "test"}, {"dataset": "synthetic", "split": "val"}]
+    with pytest.raises(SpecError, match=rf"data.{kind}\[1\].name: .*'synthetic'.*`name:`"):
+        load_spec(write_spec(tmp_path, dup))
+
+
+def test_num_samples_without_sampled_dimensions_is_rejected(tmp_path):
+    with pytest.raises(SpecError, match=r"search\[0\].num_samples: .*sampled dimensions"):
+        load_spec(write_spec(tmp_path, lambda d: d.update(search={"lr": [0.1], "num_samples": 3})))
+    with pytest.raises(SpecError, match=r"tune.num_samples: .*sampled"):
+        load_spec(write_spec(tmp_path, lambda d: d.update(tune={"num_samples": 2})))
+    optuna = load_spec(write_spec(tmp_path, lambda d: d.update(tune={"search": "optuna", "num_samples": 4})))
+    assert optuna.tune.num_samples == 4
+
+
+@pytest.mark.parametrize("key, value", [("n_train", 0), ("temperature", 0.0),
+                                        ("structure_lambda", -1.0), ("batch_size", 0)])
+def test_out_of_range_trial_values_are_spec_errors(tmp_path, key, value):
+    spec_file = write_spec(tmp_path, lambda d: d["training"].update({key: value}))
+    with pytest.raises(SpecError) as info:
+        load_spec(spec_file)
+    assert str(info.value).startswith(f"{spec_file}:training.{key}: {key}=")
+
+
+def test_unknown_head_option_is_a_spec_error(tmp_path):
+    spec_file = write_spec(tmp_path, lambda d: d["search"][1].update(head_options={"rnk": 4}))
+    with pytest.raises(SpecError, match=r"search\[1\].*rnk"):
+        load_spec(spec_file)

@@ -30,3 +30,38 @@ def test_validate_rejects_bad_specs_without_starting_ray(tmp_path):
         assert out.returncode == 2, name
         assert out.stderr.startswith("error: invalid spec:"), name
         assert "ray" not in out.stderr.lower()  # never got as far as Ray
+
+
+def _raise_in_ray(exc):
+    from ray.exceptions import ActorDiedError, RayTaskError
+
+    def ray_task_error():
+        tb = f"Traceback (most recent call last):\n  File \"x.py\", line 1\n{type(exc).__module__}." \
+             f"{type(exc).__name__}: {exc}"
+        return RayTaskError("extract", tb, exc)
+
+    return {"task": lambda: ray_task_error().as_instanceof_cause(),
+            "actor": lambda: ActorDiedError(ray_task_error()),
+            "direct": lambda: exc}
+
+
+def test_errors_from_ray_actors_and_tasks_print_their_cause(monkeypatch, capsys):
+    import pytest
+
+    from orchestrator import cli
+    from orchestrator.datasets import DatasetError
+    from orchestrator.encoders import EncoderWeightsMissing
+
+    for exc in (EncoderWeightsMissing("weights of hf:nope not found; set HF_HOME"),
+                DatasetError("coco: annotations file /x/captions.json not found")):
+        for how, make in _raise_in_ray(exc).items():
+            def fail(args, make=make):
+                raise make()
+            monkeypatch.setattr(cli, "_status", fail)
+            assert cli.main(["status", "somewhere"]) == 2, how
+            err = capsys.readouterr().err
+            assert err.startswith("error: ") and str(exc) in err, (how, err)
+            assert "Traceback" not in err and len(err.splitlines()) == 1, (how, err)
+    monkeypatch.setattr(cli, "_status", lambda args: 1 / 0)  # a bug still shows its traceback
+    with pytest.raises(ZeroDivisionError):
+        cli.main(["status", "somewhere"])

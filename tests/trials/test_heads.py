@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from trials.heads import CSAHead, build_head, fit_csa, list_heads
+from trials.heads import build_head, check_head_options, fit_csa, list_heads
 from trials.losses import AlignmentLoss
 
 
@@ -16,7 +16,7 @@ def _f64(values):
 # ------------------------------------------------------------------ registry
 
 
-@pytest.mark.parametrize("name", list_heads())
+@pytest.mark.parametrize("name", list_heads(trainable_only=True))
 def test_every_head_builds_forwards_and_backprops(name):
     head = build_head(name, 12, 6, seed=0).train()
     x = torch.randn(10, 12)
@@ -28,7 +28,7 @@ def test_every_head_builds_forwards_and_backprops(name):
     assert any(g.abs().sum() > 0 for g in grads)
 
 
-@pytest.mark.parametrize("name", list_heads())
+@pytest.mark.parametrize("name", list_heads(trainable_only=True))
 def test_seeded_build_is_deterministic_and_leaves_global_rng_alone(name):
     state = torch.random.get_rng_state()
     a, b = build_head(name, 7, 5, seed=3), build_head(name, 7, 5, seed=3)
@@ -47,6 +47,21 @@ def test_unknown_head_lists_registered_names():
 def test_unknown_option_is_rejected_with_allowed_ones():
     with pytest.raises(ValueError, match="rank"):
         build_head("res_low_rank", 4, 4, rnak=2)
+    with pytest.raises(ValueError, match="rank"):
+        check_head_options("res_low_rank", {"rnak": 2})
+
+
+def test_check_head_options_knows_every_head_and_csa_takes_fit_csa_options():
+    assert "csa" in list_heads() and "csa" not in list_heads(trainable_only=True)
+    check_head_options("mlp", {"hidden_dim": 4, "num_layers": 3})
+    check_head_options("csa", {"refine": True, "levels": 2, "tau": 0.2})
+    for options in ({"seed": 1}, {"bias": False}):  # a trial passes its own seed
+        with pytest.raises(ValueError, match="allowed"):
+            check_head_options("csa", options)
+    with pytest.raises(ValueError, match="registered heads"):
+        check_head_options("transformer", {})
+    with pytest.raises(ValueError, match="closed form"):
+        build_head("csa", 4, 4)
 
 
 def test_linear_head_is_affine_with_bias():
@@ -162,12 +177,11 @@ def test_csa_rho_is_the_textbook_correlation_of_the_canonical_variates():
     assert torch.all(fit.rho[:-1] >= fit.rho[1:])
 
 
-def test_csa_heads_reproduce_the_transforms_and_keep_input_dtype():
+def test_csa_transforms_centre_project_and_keep_input_dtype():
     x, y = _paired_views()
     fit = fit_csa(x, y, 4)
-    head_x, head_y = fit.heads()
-    assert isinstance(head_x, CSAHead) and head_x.closed_form
-    assert torch.allclose(head_x(x), fit.transform_x(x)) and torch.allclose(head_y(y), fit.transform_y(y))
+    assert torch.allclose(fit.transform_x(x), (x - x.mean(0)) @ fit.weight_x)
+    assert torch.allclose(fit.transform_y(y), (y - y.mean(0)) @ fit.weight_y)
     assert fit.transform_x(x.float()).dtype == torch.float32
 
 

@@ -108,6 +108,33 @@ def test_on_epoch_returning_true_stops():
         assert all(isinstance(v, (int, float)) for v in metrics.values())
 
 
+def test_a_non_finite_train_loss_stops_at_once_and_keeps_the_best_weights(monkeypatch):
+    inner, calls = train_module._train_epoch, []
+
+    def blow_up_at_epoch_2(heads, *args):
+        calls.append(None)
+        loss, lr = inner(heads, *args)
+        if len(calls) == 3:  # as a too-large step would: NaN weights, NaN loss
+            with torch.no_grad():
+                heads[0].weight.fill_(math.nan)
+            loss = torch.full_like(loss, math.nan)
+        return loss, lr
+
+    monkeypatch.setattr(train_module, "_train_epoch", blow_up_at_epoch_2)
+    config = TrainConfig(epochs=50, batch_size=32, lr=1e-3, patience=20)
+    result, heads, _ = _run(config)
+    assert result.stopped == "diverged" and len(result.history) == 3  # not 2 + patience
+    assert math.isnan(result.history[-1]["train_loss"]) and result.best_epoch in (0, 1)
+    assert all(torch.isfinite(t).all() for t in _state(heads))  # the best epoch's weights
+
+
+def test_fusemix_skipping_every_batch_is_not_divergence():
+    # 96 pairs < batch 128: FuseMix skips the only (incomplete) batch, no step runs
+    config = TrainConfig(epochs=3, batch_size=128, lr=1e-2, mixup_alpha=0.4)
+    result, _, _ = _run(config)
+    assert result.stopped == "max_epochs" and len(result.history) == 3
+
+
 def test_same_seed_same_run_other_seed_other_run():
     config = TrainConfig(epochs=4, batch_size=32, lr=1e-2, seed=7)
     runs = [_run(config, lam=10.0, warmup=2) for _ in range(2)]
@@ -151,6 +178,11 @@ def test_unimodal_extras_enter_the_regulariser():
     extra_img, extra_txt = _pairs(50, 9)
     with_extra, _, _ = _run(config, lam=10.0, warmup=1, extra_image=extra_img, extra_text=extra_txt)
     assert with_extra.history[-1]["train_loss"] != plain.history[-1]["train_loss"]
+    # one modality's extras alone also run (METHOD §9's unimodal-data ablation)
+    image_only, _, _ = _run(config, lam=10.0, warmup=1, extra_image=extra_img)
+    assert all(math.isfinite(row["train_loss"]) for row in image_only.history)
+    assert image_only.history[-1]["train_loss"] not in (plain.history[-1]["train_loss"],
+                                                        with_extra.history[-1]["train_loss"])
 
 
 def test_bad_config_values_are_rejected():

@@ -85,6 +85,22 @@ def test_a_diverged_trial_fails_with_a_message_that_names_the_fix():
         run_trial(make_data(), TrialConfig(**{**CONFIG, "lr": 1e30, "epochs": 2}))
 
 
+def test_a_diverged_trial_stops_at_the_first_non_finite_train_loss():
+    epochs = []
+    config = TrialConfig(**{**CONFIG, "lr": 1e30, "epochs": 100, "patience": 50})
+    with pytest.raises(FloatingPointError, match="in 1 epochs"):
+        run_trial(make_data(), config, on_epoch=lambda epoch, row: epochs.append(epoch))
+    assert epochs == [0]
+
+
+def test_csa_trial_passes_its_seed_to_the_refinement():
+    data = make_data()
+    config = dict(head="csa", out_dim=4, head_options=dict(refine=True, refine_epochs=1, batch_size=32))
+    a, b = (run_trial(data, TrialConfig(**config, seed=s)) for s in (0, 1))
+    assert a["zs/toy/top1"] == run_trial(data, TrialConfig(**config, seed=0))["zs/toy/top1"]
+    assert any(a[k] != b[k] for k in a if k.startswith("ret/") and k.endswith("MAP@10"))
+
+
 def test_read_only_inputs_as_from_rays_object_store(recwarn):
     data = make_data()
     arrays = [data.train_image, data.train_text, data.val_image, data.val_text,
