@@ -174,8 +174,7 @@ def test_tune_options_are_checked(tmp_path):
     assert load_spec(write_spec(tmp_path, lambda d: d.update(tune={"gpus_per_trial": 0.25}))).tune.trial_device == "cuda"
 
 
-@pytest.mark.parametrize("name", sorted(p.name for p in DEMO.parent.glob("*.yaml")
-                                        if not p.name.startswith("cluster")))
+@pytest.mark.parametrize("name", sorted(p.name for p in DEMO.parent.glob("*.yaml")))
 def test_shipped_specs_validate_without_their_variables(name):
     spec = load_spec(DEMO.parent / name)
     assert spec.search
