@@ -31,11 +31,16 @@ def _validate(args) -> int:
 
 def _known_layer_counts(spec) -> tuple[int, int] | None:
     """Layer counts that are known without loading a model (synthetic encoders)."""
+    import inspect
+
+    from orchestrator.encoders.synthetic import PlantedEncoder
+
+    default = inspect.signature(PlantedEncoder).parameters["layers"].default
     counts = []
     for enc in (spec.encoders.image, spec.encoders.text):
         if not enc.name.startswith("synthetic:"):
             return None
-        counts.append(int(enc.options.get("layers", 6)))
+        counts.append(int(enc.options.get("layers", default)))
     return tuple(counts)
 
 

@@ -25,6 +25,7 @@ from typing import Any, Literal, Optional, Union
 import yaml
 
 from orchestrator.config import SpecError, did_you_mean, from_dict
+from orchestrator.encoders import DTYPES as ENCODER_DTYPES
 from trials.config import TrialConfig
 from trials.presets import get_preset, list_presets
 
@@ -33,7 +34,7 @@ from trials.presets import get_preset, list_presets
 # (one pair per similarity-score quantile bin, trials.selection "bins").
 LAYER_RULES = ("all", "last", "best", "bins")
 DEFAULT_BINS = 5
-DTYPES = Literal["float32", "bfloat16", "float16"]
+DTYPES = Literal[ENCODER_DTYPES]  # the encoders' list, one place
 
 
 @dataclass
