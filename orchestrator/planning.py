@@ -52,15 +52,15 @@ def resolve_layers(rule, similarity: np.ndarray, *, seed: int = 0) -> list[tuple
         return [(i % li, j % lj)]
     if rule == "all":
         return [(i, j) for i in range(li) for j in range(lj)]
-    if rule == "last":
-        return [(li - 1, lj - 1)]
-    if _bins(rule) or _last_k(rule):
-        from trials.selection import select_layers
+    from trials.selection import select_layers  # the official rules live there (§6.3)
 
-        if _bins(rule):
-            return select_layers(similarity, "bins", n_bins=_bins(rule), seed=seed)
+    if rule in ("best", "last"):
+        return [tuple(pair) for pair in select_layers(similarity, rule, seed=seed)]
+    if _bins(rule):
+        return select_layers(similarity, "bins", n_bins=_bins(rule), seed=seed)
+    if _last_k(rule):
         return select_layers(similarity, "last_k", k=_last_k(rule))
-    k = 1 if rule == "best" else _top_k(rule)
+    k = _top_k(rule)  # ours: the k most similar pairs
     order = np.argsort(-similarity, axis=None, kind="stable")[:k]
     return [tuple(int(v) for v in np.unravel_index(o, similarity.shape)) for o in order]
 
