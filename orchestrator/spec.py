@@ -143,6 +143,9 @@ class TuneSpec:
     device: str = "auto"  # where a trial trains its heads; auto: cuda if gpus_per_trial > 0
     trials_per_task: int = 1  # >1: cheap trials of one layer pair run in one Tune trial
     flush_seconds: float = 1.0  # results are written at least this often
+    # Features one wave of trials may hold in Ray's object store (GB); past it
+    # the grid runs in waves of image layers. null: half the object store.
+    feature_memory_gb: Optional[float] = None
 
     def __post_init__(self):
         for name in ("num_samples", "trials_per_task"):

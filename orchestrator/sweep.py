@@ -158,12 +158,25 @@ class _Runner:
         self.log(f"[3/3] trials: {len(planned)} planned, {len(planned) - len(pending)} already "
                  f"finished (skipped), {len(pending)} to run")
         self.monitor.planned(len(pending))
-        if pending:
-            tasks = _batch(pending, self.spec.tune.trials_per_task)
-            refs = _put_layers(self.store, self.features, pending)
+        waves = _waves(pending, self.features, self.store, self._feature_budget())
+        for number, wave in enumerate(waves, 1):
+            if len(waves) > 1:
+                self.log(f"  wave {number}/{len(waves)}: {len(wave)} trials on image layers "
+                         f"{sorted({t.config.image_layer for t in wave})}")
+            tasks = _batch(wave, self.spec.tune.trials_per_task)
+            refs = _put_layers(self.store, self.features, wave)
             self._tune(refs, {"task": _grid_search(len(tasks))}, 1, None,
-                       tasks=[[t.as_param() for t in task] for task in tasks], total=len(pending))
+                       tasks=[[t.as_param() for t in task] for task in tasks], total=len(wave))
+            del refs  # this wave's layers leave the object store before the next are put
         return len(planned), len(planned) - len(pending), self.finished, self.failed
+
+    def _feature_budget(self) -> float:
+        """Bytes of features one wave may put in the object store."""
+        import ray
+
+        if self.spec.tune.feature_memory_gb is not None:
+            return self.spec.tune.feature_memory_gb * 2**30
+        return 0.5 * ray.cluster_resources().get("object_store_memory", float("inf"))
 
     def optuna(self, similarity: np.ndarray) -> tuple[int, int, int, int]:
         stored = self.results.query("trials")
@@ -291,6 +304,39 @@ def _concurrency(spec: SweepSpec) -> int:
     return max(1, int(slots))
 
 
+def _layer_bytes(store: FeatureStore, features: FeatureSet, pending: list[PlannedTrial]) -> int:
+    """Bytes that _put_layers puts for these trials (one array per key and layer)."""
+    image_layers = {t.config.image_layer for t in pending}
+    text_layers = {t.config.text_layer for t in pending}
+    image_keys = _image_keys(features)
+    total = 0
+    for key in features.keys():
+        n, _, dim = store.manifest(key)["shape"]
+        total += n * dim * 4 * len(image_layers if key in image_keys else text_layers)
+    return total
+
+
+def _waves(pending: list[PlannedTrial], features: FeatureSet, store: FeatureStore,
+           budget: float) -> list[list[PlannedTrial]]:
+    """Pending trials in waves of whole image layers whose features fit ``budget``.
+
+    A full layer grid of a large dataset does not fit the object store at
+    once; a wave holds its image layers (and the text layers they pair with)
+    and is freed before the next. One image layer is the smallest wave.
+    """
+    by_layer = defaultdict(list)
+    for t in pending:
+        by_layer[t.config.image_layer].append(t)
+    waves: list[list[PlannedTrial]] = []
+    for layer in sorted(by_layer):
+        candidate = (waves[-1] if waves else []) + by_layer[layer]
+        if waves and _layer_bytes(store, features, candidate) <= budget:
+            waves[-1] = candidate
+        else:
+            waves.append(list(by_layer[layer]))
+    return waves
+
+
 def _batch(pending: list[PlannedTrial], size: int) -> list[list[PlannedTrial]]:
     """Tune trials of up to ``size`` planned trials sharing one layer pair."""
     if size <= 1:
@@ -312,6 +358,11 @@ def _quiet_logger(name: str):
         logger.setLevel(level)
 
 
+def _image_keys(features: FeatureSet) -> set[str]:
+    splits = (features.train, features.val, *features.zero_shot.values(), *features.retrieval.values())
+    return {s.image for s in splits}
+
+
 def _put_layers(store: FeatureStore, features: FeatureSet, pending: list[PlannedTrial] = (),
                 pairs: list[tuple[int, int]] = ()) -> dict:
     """Each needed layer of each feature entry, once, in Ray's object store."""
@@ -319,8 +370,7 @@ def _put_layers(store: FeatureStore, features: FeatureSet, pending: list[Planned
 
     pairs = list(pairs) + [(t.config.image_layer, t.config.text_layer) for t in pending]
     image_layers, text_layers = {p[0] for p in pairs}, {p[1] for p in pairs}
-    image_keys = {features.train.image, features.val.image,
-                  *(s.image for s in (*features.zero_shot.values(), *features.retrieval.values()))}
+    image_keys = _image_keys(features)
     refs: dict[str, dict[int, object]] = {}
     for key in features.keys():
         layers = image_layers if key in image_keys else text_layers

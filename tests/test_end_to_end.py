@@ -42,3 +42,18 @@ def test_sweep_runs_every_trial_once_then_skips_everything(ray_cluster, tiny_spe
     status = run_status(tiny_spec.run_dir)
     assert f"{first.planned} done, 0 stopped early, 0 failed, 0 pending" in status
     assert "best zs/classes/top1" in status
+
+
+def test_a_grid_larger_than_the_feature_budget_runs_in_waves(ray_cluster, tmp_path, tiny):
+    spec_file = tmp_path / "waves.yaml"
+    tiny["search"] = [{"name": "grid", "layers": "all", "structure_lambda": 0, "n_train": 150}]
+    tiny["tune"] = {"max_concurrent_trials": 2, "feature_memory_gb": 1e-9}  # one layer per wave
+    spec_file.write_text(yaml.safe_dump({**tiny, "output_dir": str(tmp_path / "run"),
+                                         "cache_dir": str(tmp_path / "cache")}))
+    lines = []
+    outcome = run_sweep(load_spec(spec_file), log=lines.append)
+    assert outcome.finished == 9 and outcome.failed == 0
+    assert [line.split(":")[0].strip() for line in lines if "wave" in line] == \
+        ["wave 1/3", "wave 2/3", "wave 3/3"]
+    trials = ResultsStore(tmp_path / "run").read("trials")
+    assert len(trials) == 9 and trials["fingerprint"].is_unique
