@@ -169,7 +169,7 @@ def test_stopped_trials_count_as_finished_only_for_asha_runs(tmp_path, monkeypat
     planned = [PlannedTrial(fp, "g", TrialConfig()) for fp in ("a", "s", "f")]
     for scheduler in ("asha", "fifo"):
         spec = SimpleNamespace(run_dir=tmp_path, tune=SimpleNamespace(
-            scheduler=scheduler, trials_per_task=1))
+            scheduler=scheduler, trials_per_task=1, feature_memory_gb=1.0))
         monitor = SimpleNamespace(planned=lambda n: None)
         sweep._Runner(spec, None, None, store, monitor, lambda *a: None).grid(planned)
     assert ran == {"asha": ["f"], "fifo": ["f", "s"]}  # FIFO re-runs the stopped trial in full
