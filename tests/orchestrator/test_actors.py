@@ -103,9 +103,8 @@ def test_batches_open_paths_for_images_only(tmp_path):
     assert _batch(np.ones((2, 3)), "image").shape == (2, 3)
 
 
+@pytest.mark.timeout(120)
 def test_encoder_asking_for_a_gpu_on_a_cpu_cluster_fails_fast_and_clearly(ray_cluster, tmp_path, tiny):
-    import time
-
     import yaml
 
     from orchestrator.actors import EncoderResourcesError
@@ -116,10 +115,8 @@ def test_encoder_asking_for_a_gpu_on_a_cpu_cluster_fails_fast_and_clearly(ray_cl
     spec_file = tmp_path / "tiny.yaml"
     spec_file.write_text(yaml.safe_dump({**tiny, "cache_dir": str(tmp_path / "cache")}))
     spec = load_spec(spec_file)
-    start = time.monotonic()
-    with pytest.raises(EncoderResourcesError) as err:
+    with pytest.raises(EncoderResourcesError) as err:  # refused, not left waiting (timeout mark)
         extract_features(spec, str(tmp_path / "cache" / "features"), log=lambda *_: None)
-    assert time.monotonic() - start < 60
     message = str(err.value)
     assert "text encoder 'synthetic:text'" in message and "num_gpus=1" in message
     assert "0 GPU" in message and "encoders.text.num_gpus" in message and "--address" in message

@@ -130,23 +130,17 @@ def test_interrupted_compaction_is_undone_when_not_committed(tmp_path):
     assert sorted(store.read("trials")["fingerprint"]) == ["a", "b"]
 
 
-def test_query_is_fast_at_100k_rows(tmp_path):
-    import time
-
+def test_compaction_and_query_at_100k_rows(tmp_path):
+    """Correctness at scale; the speed of the same work is benchmarks/bench_results_store.py."""
     store = ResultsStore(tmp_path)
     metrics = {f"zs/set{k}/top1": 0.5 for k in range(10)}
     config = {f"config/f{k}": k for k in range(25)}
     for part in range(100):
         store.write("trials", [row(f"{part}-{i}", **config, **metrics) for i in range(1000)])
-    started = time.perf_counter()
     store.compact("trials")
-    compact_s = time.perf_counter() - started
-    started = time.perf_counter()
     frame = store.query("trials", {"status": "done"}, columns=["fingerprint", "zs/set0/top1"])
-    query_s = time.perf_counter() - started
     assert len(frame) == 100_000
     assert len(store.finished_fingerprints()) == 100_000
-    assert query_s < 2.0 and compact_s < 20.0, (query_s, compact_s)
 
 
 def test_stopped_trials_count_as_finished_only_for_asha_runs(tmp_path, monkeypatch):
