@@ -110,8 +110,3 @@ def did_you_mean(word, choices) -> str:
 
 def _join(path: str, key: str) -> str:
     return f"{path}.{key}" if path and key else path or key
-
-
-def to_dict(config: Any) -> dict:
-    """The resolved config as plain data (saved beside the results)."""
-    return dataclasses.asdict(config)

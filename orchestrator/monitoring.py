@@ -31,6 +31,7 @@ class SweepMetrics:
         self.cache_misses = Gauge(PREFIX + "feature_cache_misses", "feature entries computed", tags)
         self.pending = Gauge(PREFIX + "trials_pending", "trials not yet finished", tags)
         self._start, self._done, self._running, self._best = time.monotonic(), 0, 0, None
+        self._pending = 0
         self.running.set(0, self.tags)
 
     def features(self, cached: int, computed: int) -> None:
@@ -66,6 +67,5 @@ class SweepMetrics:
                     self.best.set(self._best, self.tags)
         minutes = max((time.monotonic() - self._start) / 60, 1e-6)
         self.rate.set(self._done / minutes, self.tags)
-        if hasattr(self, "_pending"):
-            self._pending = max(0, self._pending - 1)
-            self.pending.set(self._pending, self.tags)
+        self._pending = max(0, self._pending - 1)
+        self.pending.set(self._pending, self.tags)

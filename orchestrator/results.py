@@ -58,7 +58,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from orchestrator.durable import fsync_path
+from orchestrator.durable import atomic_write_bytes, fsync_path
 
 TABLES = ("trials", "layer_similarity")
 KEYS = {"trials": "fingerprint", "layer_similarity": "row_key"}
@@ -211,12 +211,10 @@ def _recover(directory: Path) -> None:
 
 
 def _write_atomic(directory: Path, name: str, table: pa.Table) -> Path:
-    tmp, final = directory / f".{name}.tmp", directory / name
-    pq.write_table(table, tmp)
-    fsync_path(tmp)
-    os.rename(tmp, final)
-    fsync_path(directory)
-    return final
+    buffer = pa.BufferOutputStream()
+    pq.write_table(table, buffer)
+    atomic_write_bytes(directory / name, buffer.getvalue().to_pybytes())
+    return directory / name
 
 
 def _to_table(rows: list[dict]) -> pa.Table:
@@ -227,11 +225,7 @@ def _to_table(rows: list[dict]) -> pa.Table:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data))
-    fsync_path(tmp)
-    os.rename(tmp, path)
-    fsync_path(path.parent)
+    atomic_write_bytes(path, json.dumps(data).encode())
 
 
 @contextlib.contextmanager

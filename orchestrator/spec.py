@@ -25,6 +25,7 @@ from typing import Any, Literal, Optional, Union
 import yaml
 
 from orchestrator.config import SpecError, did_you_mean, from_dict
+from orchestrator.durable import atomic_write_bytes
 from orchestrator.encoders import DTYPES as ENCODER_DTYPES
 from trials.config import TrialConfig
 from trials.presets import get_preset, list_presets
@@ -522,9 +523,7 @@ def save_spec(spec: SweepSpec, run_dir: Path) -> None:
     resolved = dataclasses.asdict(spec)
     raw = {**getattr(spec, "raw", {}), "output_dir": str(run_dir)}
     resolved["raw"] = raw
-    tmp = run_dir / f".{SPEC_FILE}.tmp"
-    tmp.write_text(json.dumps(resolved, indent=2, default=str))
-    tmp.replace(run_dir / SPEC_FILE)
+    atomic_write_bytes(run_dir / SPEC_FILE, json.dumps(resolved, indent=2, default=str).encode())
 
 
 def load_run_spec(run_dir: str | Path) -> SweepSpec:

@@ -5,18 +5,18 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from orchestrator.durable import atomic_write_bytes
 from orchestrator.results import PLAN_FILE, ResultsStore, headline_metric, plan_progress
 
 
 def write_plan(run_dir: Path, fingerprints: list[str], optuna: dict | None = None) -> None:
     """Record the planned fingerprints (grid search) or trial counts per grid
     (Optuna), so status can count what is pending."""
-    tmp = run_dir / f".{PLAN_FILE}.tmp"
-    tmp.write_text(json.dumps({"fingerprints": fingerprints, "optuna": optuna or {}}))
-    tmp.replace(run_dir / PLAN_FILE)
+    plan = {"fingerprints": fingerprints, "optuna": optuna or {}}
+    atomic_write_bytes(run_dir / PLAN_FILE, json.dumps(plan).encode())
 
 
-def run_status(run_dir: Path, metric: str | None = None) -> str:
+def run_status(run_dir: Path) -> str:
     if not (run_dir / "results").is_dir() and not (run_dir / PLAN_FILE).is_file():
         raise FileNotFoundError(f"{run_dir} is not a run directory (no results/ or {PLAN_FILE}); "
                                 "pass the directory that `structure-sweep run` printed")
@@ -30,7 +30,7 @@ def run_status(run_dir: Path, metric: str | None = None) -> str:
     lines = [f"run: {run_dir}",
              f"trials: {len(done)} done, {len(stopped)} stopped early, {len(failed)} failed, "
              f"{pending} pending" + (f" (of {n_planned} planned)" if n_planned else "")]
-    metric = metric or headline_metric(done)
+    metric = headline_metric(done)
     if metric:
         best = done.loc[done[metric].idxmax()]
         lines.append(f"best {metric}: {best[metric]:.4f}  (layers {best['config/image_layer']},"

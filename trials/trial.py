@@ -70,7 +70,8 @@ def run_trial(data: TrialData, config: TrialConfig, *, device: str = "cpu",
     # A copy: inputs may be read-only views (memory maps, Ray's object store).
     to = lambda a: torch.tensor(np.asarray(a, dtype=np.float32), device=device)  # noqa: E731
     index = subsample(len(data.train_image), config.n_train, config.seed)
-    train_image, train_text = to(data.train_image)[index], to(data.train_text)[index]
+    rows = index.numpy()  # subsample on the host: only the trial's rows are copied
+    train_image, train_text = to(np.asarray(data.train_image)[rows]), to(np.asarray(data.train_text)[rows])
     torch.manual_seed(config.seed)  # head initialisation
     if config.head == "csa":
         image_map, text_map, summary = _fit_csa(train_image, train_text, config)
