@@ -26,7 +26,9 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from orchestrator.results import ResultsStore, headline_metric
+from orchestrator.results import ResultsStore
+from orchestrator.schema import headline_metric
+from trials.selection import select_layers
 
 IMAGE, TEXT, LAMBDA = "config/image_layer", "config/text_layer", "config/structure_lambda"
 HEAD, N_TRAIN = "config/head", "n_train_used"
@@ -55,7 +57,7 @@ def load_run(run_dir: str | Path) -> RunData:
         raise FileNotFoundError(f"{run_dir} has no results/ directory: is it a run directory "
                                 "written by `structure-sweep run`?")
     store = ResultsStore(run_dir)
-    return RunData(run_dir, store.read("trials"), store.read("layer_similarity"),
+    return RunData(run_dir, store.query("trials"), store.query("layer_similarity"),
                    _read_json(run_dir / "spec.json"), _read_json(run_dir / "plan.json"))
 
 
@@ -130,15 +132,12 @@ def similarity_matrix(similarity: pd.DataFrame, metric: str | None = None) -> pd
 
 
 def special_pairs(matrix: pd.DataFrame) -> dict[str, tuple[int, int]]:
-    """The most similar pair ("similar") and the last pair ("last") of a matrix.
-
-    Ties go to the first pair in row-major order, as layer selection breaks them.
-    """
-    if matrix.empty:
+    """The pairs the "similar" and "last" layer rules pick on a matrix (trials.selection)."""
+    values = matrix.to_numpy()
+    if matrix.empty or not np.isfinite(values).all():  # a partly written matrix names no pair
         return {}
-    i, j = np.unravel_index(np.nanargmax(matrix.to_numpy()), matrix.shape)
-    return {"similar": (int(matrix.index[i]), int(matrix.columns[j])),
-            "last": (int(matrix.index[-1]), int(matrix.columns[-1]))}
+    picks = {rule: select_layers(values, rule)[0] for rule in ("similar", "last")}
+    return {rule: (int(matrix.index[i]), int(matrix.columns[j])) for rule, (i, j) in picks.items()}
 
 
 def run_pairs(run: RunData) -> dict[str, tuple[int, int]]:

@@ -7,8 +7,6 @@ downsampled timelines) so a 100,000-trial store still makes a small page.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import platform
 import warnings
 from importlib import metadata
@@ -19,6 +17,7 @@ import pandas as pd
 from dashboards.data import (HEAD, LAMBDA, N_TRAIN, RunData, has_columns, named_methods,
                              with_methods)
 from orchestrator.results import plan_progress
+from orchestrator.keys import content_key
 
 LEVELS = "config/structure_levels"
 STATUSES = ("done", "failed", "stopped")
@@ -34,8 +33,7 @@ def spec_fingerprint(spec: dict) -> str:
     """A stable short hash of the resolved spec (key order does not matter)."""
     if not spec:
         return ""
-    blob = json.dumps(spec, sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    return content_key(spec, 16)
 
 
 def trial_counts(run: RunData) -> dict[str, int]:

@@ -8,10 +8,11 @@ unknown keys, wrong types and values outside a ``Literal`` with a
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import types
 import typing
 from typing import Any, Literal, Union, get_args, get_origin
+
+from trials.registry import did_you_mean  # noqa: F401 (re-exported for spec errors)
 
 
 class SpecError(ValueError):
@@ -101,11 +102,6 @@ def from_dict(cls: type, data: dict, *, path: str = "") -> Any:
     except ValueError as err:  # a config's own range check: "<field>=<value> is not ..."
         field = str(err).split("=", 1)[0]
         raise SpecError(str(err), path=_join(path, field if field in fields else "")) from None
-
-
-def did_you_mean(word, choices) -> str:
-    close = difflib.get_close_matches(str(word), list(choices), n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def _join(path: str, key: str) -> str:

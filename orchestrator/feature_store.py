@@ -45,14 +45,14 @@ from typing import Iterator
 import numpy as np
 
 from orchestrator.durable import fsync_path
+from orchestrator.keys import content_key
 
 MANIFEST = "manifest.json"
 LOCKS = ".locks"
 
 
 def feature_key(encoder_identity: dict, split_fingerprint: str, field: str) -> str:
-    blob = json.dumps([encoder_identity, split_fingerprint, field], sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:32]
+    return content_key([encoder_identity, split_fingerprint, field], 32)
 
 
 def _sha256(path: Path) -> str:

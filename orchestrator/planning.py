@@ -22,7 +22,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from orchestrator.config import from_dict
-from orchestrator.spec import SweepSpec, _bins, _last_k, _top_k, _unfold_preset, expand_grid
+from orchestrator.keys import content_key
+from orchestrator.spec import SweepSpec, _unfold_preset, expand_grid
 from trials.config import TRIAL_CODE_VERSION, TrialConfig
 
 if TYPE_CHECKING:
@@ -41,35 +42,10 @@ class PlannedTrial:
                 "config": dataclasses.asdict(self.config), "params": self.params}
 
 
-def resolve_layers(rule, similarity: np.ndarray, *, seed: int = 0) -> list[tuple[int, int]]:
-    """Layer pairs named by a rule, given the [Li, Lj] similarity matrix."""
-    li, lj = similarity.shape
-    if isinstance(rule, (tuple, list)):
-        i, j = rule
-        if not (-li <= i < li and -lj <= j < lj):
-            raise ValueError(f"layer pair {list(rule)} is out of range for {li} image "
-                             f"and {lj} text layers")
-        return [(i % li, j % lj)]
-    if rule == "all":
-        return [(i, j) for i in range(li) for j in range(lj)]
-    from trials.selection import select_layers  # the official rules live there (§6.3)
-
-    if rule in ("best", "last"):
-        return [tuple(pair) for pair in select_layers(similarity, rule, seed=seed)]
-    if _bins(rule):
-        return select_layers(similarity, "bins", n_bins=_bins(rule), seed=seed)
-    if _last_k(rule):
-        return select_layers(similarity, "last_k", k=_last_k(rule))
-    k = _top_k(rule)  # ours: the k most similar pairs
-    order = np.argsort(-similarity, axis=None, kind="stable")[:k]
-    return [tuple(int(v) for v in np.unravel_index(o, similarity.shape)) for o in order]
-
-
 def fingerprint(config: TrialConfig, features: FeatureSet) -> str:
     i, j = config.image_layer, config.text_layer
     inputs = {"layers": [i, j], "features": features.keys(), "code": TRIAL_CODE_VERSION}
-    blob = json.dumps([config.fingerprint_fields(), inputs], sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+    return content_key([config.fingerprint_fields(), inputs], 20)
 
 
 def _draws(spec: SweepSpec, grid: dict, combo_index: int) -> list[dict]:
@@ -90,7 +66,7 @@ def plan_trials(spec: SweepSpec, features: FeatureSet, similarity: np.ndarray) -
         for index, combo in enumerate(expand_grid(grid)):
             name, rule = combo.pop("name"), combo.pop("layers")
             combo.pop("preset", None)  # already unfolded into trial values
-            pairs = resolve_layers(rule, similarity, seed=spec.similarity.seed)
+            pairs = rule.resolve(similarity, seed=spec.similarity.seed)
             for draw in _draws(spec, grid, index):
                 for i, j in pairs:
                     values = {**spec.training, **combo, **draw, "image_layer": i, "text_layer": j}
@@ -117,7 +93,7 @@ def optuna_space(spec: SweepSpec, grid: dict, similarity: np.ndarray) -> dict:
         {k: v for k, v in grid.items() if k in ("name", "preset")})}, key=str)
     pairs = []
     for rule in rules:
-        for pair in resolve_layers(rule, similarity, seed=spec.similarity.seed):
+        for pair in rule.resolve(similarity, seed=spec.similarity.seed):
             if list(pair) not in pairs:
                 pairs.append(list(pair))
     return {"choices": choices, "sample": dict(grid.get("sample") or {}), "pairs": pairs}
@@ -162,15 +138,6 @@ def count_trials(spec: SweepSpec, num_layers: tuple[int, int] | None) -> tuple[i
             continue
         draws = (grid.get("num_samples") or spec.tune.num_samples) if grid.get("sample") else 1
         for combo in expand_grid(grid):
-            rule = combo["layers"]
-            if rule == "all" or _last_k(rule):
-                if num_layers is None:
-                    raise ValueError("counting 'all'/'lastK' layer pairs needs the encoders' layer counts")
-                n = num_layers[0] * num_layers[1] if rule == "all" else \
-                    min(_last_k(rule), num_layers[0]) * min(_last_k(rule), num_layers[1])
-            elif _bins(rule):
-                n, exact = _bins(rule) + 1, False
-            else:
-                n = 1 if isinstance(rule, tuple) or rule in ("last", "best") else _top_k(rule)
-            total += n * draws
+            n, rule_exact = combo["layers"].count(num_layers)
+            total, exact = total + n * draws, exact and rule_exact
     return total, exact

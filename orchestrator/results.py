@@ -59,22 +59,15 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from orchestrator.durable import atomic_write_bytes, fsync_path
+from orchestrator.schema import (KEYS, PLAN_FILE, RESULTS_DIR, STATUS_RANK, TABLES,
+                                 finished_statuses)
 
-TABLES = ("trials", "layer_similarity")
-KEYS = {"trials": "fingerprint", "layer_similarity": "row_key"}
-FINISHED = ("done", "stopped")  # statuses that a re-run does not repeat
 MANIFEST = "_compaction.json"
-_RANK = {"done": 0, "stopped": 1}  # which duplicate a reader keeps (lowest)
-
-
-def finished_statuses(include_stopped: bool = True) -> list[str]:
-    """Statuses a re-run skips; "stopped" only counts for ASHA runs."""
-    return list(FINISHED) if include_stopped else ["done"]
 
 
 class ResultsStore:
     def __init__(self, run_dir: str | Path):
-        self.root = Path(run_dir) / "results"
+        self.root = Path(run_dir) / RESULTS_DIR
 
     def table_dir(self, table: str) -> Path:
         if table not in TABLES:
@@ -92,10 +85,6 @@ class ResultsStore:
     def files(self, table: str) -> list[Path]:
         directory = self.table_dir(table)
         return sorted(directory.glob("part-*.parquet")) if directory.exists() else []
-
-    def read(self, table: str, *, columns: list[str] | None = None) -> pd.DataFrame:
-        """The table as a DataFrame, one row per key (finished first, else first written)."""
-        return self.query(table, columns=columns)
 
     def query(self, table: str = "trials", filters: dict | None = None, *,
               columns: Iterable[str] | None = None, where=None, dedup: bool = True) -> pd.DataFrame:
@@ -143,7 +132,7 @@ class ResultsStore:
         frame = dataset.to_table(columns=read_columns, filter=expr).to_pandas()
         if dedup and key in frame.columns:
             if "status" in frame.columns:  # a finished row outranks a failed one
-                rank = frame["status"].map(_RANK).fillna(len(_RANK))
+                rank = frame["status"].map(STATUS_RANK).fillna(len(STATUS_RANK))
                 frame = frame.iloc[rank.argsort(kind="stable")]
             frame = frame.drop_duplicates(subset=key, keep="first").reset_index(drop=True)
         if wanted is not None:
@@ -243,9 +232,6 @@ def _unified_schema(files: list[Path]) -> pa.Schema:
     return pa.unify_schemas(schemas, promote_options="permissive")
 
 
-PLAN_FILE = "plan.json"  # written by the driver (orchestrator.status.write_plan)
-
-
 def plan_progress(plan: str | Path | dict | None, trials: pd.DataFrame) -> dict[str, int]:
     """``{"planned": n, "pending": n}`` of a run: its plan (a run directory, whose
     plan.json is read, or the plan dict) against the stored ``trials``.
@@ -268,25 +254,3 @@ def plan_progress(plan: str | Path | dict | None, trials: pd.DataFrame) -> dict[
         planned += int(wanted)
         pending += max(0, int(wanted) - mine)
     return {"planned": planned, "pending": pending}
-
-
-HEADLINE_SUFFIXES = ("/top1", "/official/I2T/R@1", "/I2T/R@1")
-
-
-def choose_headline(names: Iterable[str]) -> str | None:
-    """The one headline-metric rule (report, ``status``, the default Optuna
-    objective): among ``names``, the alphabetically first zero-shot top-1
-    (``zs/<set>/top1``), else the first retrieval I2T R@1 (official protocol
-    first), else None."""
-    names = list(names)
-    for suffix in HEADLINE_SUFFIXES:
-        found = sorted(n for n in names if n.endswith(suffix)
-                       and n.startswith("zs/" if suffix == "/top1" else "ret/"))
-        if found:
-            return found[0]
-    return None
-
-
-def headline_metric(trials: pd.DataFrame) -> str | None:
-    """The metric to lead with (:func:`choose_headline` on the columns with values)."""
-    return choose_headline(c for c in trials.columns if trials[c].notna().any())

@@ -8,8 +8,6 @@ key (feature keys + settings) in the feature cache, and written to the run's
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +16,7 @@ import torch
 from orchestrator.durable import atomic_save_npy
 from orchestrator.feature_store import FeatureStore
 from orchestrator.features import FeatureSet
+from orchestrator.keys import content_key
 from orchestrator.results import ResultsStore
 from trials.selection import sample_rows
 from trials.similarity import layer_similarity
@@ -27,9 +26,8 @@ SAMPLING = "trials.selection.sample_rows-v1"
 
 
 def similarity_key(features: FeatureSet, settings) -> str:
-    blob = json.dumps([features.train.image, features.train.text, dataclasses.asdict(settings),
-                       SAMPLING], sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+    return content_key([features.train.image, features.train.text, dataclasses.asdict(settings),
+                        SAMPLING], 24)
 
 
 def compute_similarity(store: FeatureStore, features: FeatureSet, settings) -> np.ndarray:
@@ -65,7 +63,7 @@ def similarity_stage(store: FeatureStore, results: ResultsStore, features: Featu
             matrix = compute_similarity(store, features, settings)
             atomic_save_npy(cache, matrix)
             log(f"  layer similarity ({settings.metric}): computed {matrix.shape[0]}x{matrix.shape[1]}")
-    stored = results.read("layer_similarity")
+    stored = results.query("layer_similarity")
     if stored.empty or key not in set(stored["similarity_key"]):
         results.write("layer_similarity", _rows(matrix, key, settings))
     return matrix

@@ -26,15 +26,12 @@ import yaml
 
 from orchestrator.config import SpecError, did_you_mean, from_dict
 from orchestrator.durable import atomic_write_bytes
+from orchestrator.schema import SPEC_FILE, choose_headline, default_mode, metric_names
 from orchestrator.encoders import DTYPES as ENCODER_DTYPES
 from trials.config import TrialConfig
 from trials.presets import get_preset, list_presets
+from trials.selection import LayerRule, is_layer_pair, parse_rule
 
-# Layer rules a grid may use; also "topK" (the K most similar pairs, e.g. "top3"),
-# "lastK" (every pair among the last K layers of each encoder), "bins" / "binsN"
-# (one pair per similarity-score quantile bin, trials.selection "bins").
-LAYER_RULES = ("all", "last", "best", "bins")
-DEFAULT_BINS = 5
 DTYPES = Literal[ENCODER_DTYPES]  # the encoders' list, one place
 
 
@@ -280,7 +277,7 @@ def _check_grid(grid: Any, path: str) -> dict:
     sample = {k: _sampled(v, f"{path}.{k}") for k, v in grid.items()
               if _is_sampled(v) and k in TRIAL_FIELDS}
     out = {k: (v if isinstance(v, list) and k not in ("head_options",)
-               and not (k == "layers" and _is_layer_pair(v)) else [v])
+               and not (k == "layers" and is_layer_pair(v)) else [v])
            for k, v in grid.items() if k not in sample and k != "num_samples"}
     out.setdefault("name", [path.replace("search", "grid")])
     if len(out["name"]) != 1 or not isinstance(out["name"][0], str):
@@ -311,13 +308,6 @@ def _check_head(name: str, path: str) -> None:
                         f"heads: {', '.join(list_heads())}", path=path)
 
 
-def _is_layer_pair(value: Any) -> bool:
-    """``[i, j]``: exactly two ints (``layers: [3, 4]`` is one explicit pair, as
-    ``[[3, 4]]`` is; a list of rules such as ``[best, last]`` stays a list)."""
-    return (isinstance(value, (list, tuple)) and len(value) == 2
-            and all(isinstance(v, int) and not isinstance(v, bool) for v in value))
-
-
 def _check_num_samples(spec: "SweepSpec") -> None:
     """``num_samples`` only draws sampled dimensions (or Optuna trials); on a
     grid search without them every repeat would be the same trial."""
@@ -339,33 +329,11 @@ def _check_num_samples(spec: "SweepSpec") -> None:
                         "dimension", path="tune.num_samples")
 
 
-def _check_layers(value: Any, path: str) -> Union[str, tuple]:
-    """all | last | best | bins | binsN | topK | lastK | [i, j] (an explicit layer pair)."""
-    if isinstance(value, str) and (value in LAYER_RULES or _top_k(value) or _last_k(value)
-                                   or _bins(value)):
-        return value
-    if _is_layer_pair(value):
-        return tuple(value)
-    raise SpecError(f"{value!r} is not a layer choice; expected one of {', '.join(LAYER_RULES)}, "
-                    "'topK' (e.g. 'top3'), 'lastK' (e.g. 'last2'), 'binsN' (e.g. 'bins5') "
-                    "or an [image_layer, text_layer] pair", path=path)
-
-
-def _suffix_int(rule: str, prefix: str) -> int:
-    rest = rule[len(prefix):] if isinstance(rule, str) and rule.startswith(prefix) else ""
-    return int(rest) if rest.isdigit() and int(rest) > 0 else 0
-
-
-def _top_k(rule: str) -> int:
-    return _suffix_int(rule, "top")
-
-
-def _last_k(rule: str) -> int:
-    return _suffix_int(rule, "last")
-
-
-def _bins(rule: str) -> int:
-    return DEFAULT_BINS if rule == "bins" else _suffix_int(rule, "bins")
+def _check_layers(value: Any, path: str) -> LayerRule:
+    try:
+        return parse_rule(value)
+    except ValueError as err:
+        raise SpecError(str(err), path=path) from None
 
 
 def _combinations(grid: dict) -> list[dict]:
@@ -377,7 +345,7 @@ def expand_grid(grid: dict) -> list[dict]:
     """Every combination of one grid, presets unfolded into trial values.
 
     Each combination has ``name``, ``layers`` (a rule, from the grid or the
-    preset, default "best") and TrialConfig values, in increasing precedence:
+    preset, default "similar") and TrialConfig values, in increasing precedence:
     the preset's, then the grid's own dimensions.
     """
     dims = {k: v for k, v in grid.items() if k not in ("sample", "num_samples")}
@@ -387,42 +355,22 @@ def expand_grid(grid: dict) -> list[dict]:
 def _unfold_preset(combo: dict) -> dict:
     preset = combo.pop("preset", None)
     if preset is None:
-        return {"layers": "best", **combo}
+        return {"layers": parse_rule("similar"), **combo}
     p = get_preset(preset)
     values = {"head": p["head"], "head_options": p["head_options"], "out_dim": p["out_dim"],
               **p["loss"], **p["train"]}
-    return {"layers": p["layer_rule"], **values, "preset": preset, **combo}
+    return {"layers": parse_rule(p["layer_rule"]), **values, "preset": preset, **combo}
 
 
 # --- objective --------------------------------------------------------------------
 
-ZS_METRICS = ("top1", "top1_macro", "top5")
-RET_PROTOCOLS = ("official", "standard")
-RET_DIRECTIONS = ("I2T", "T2I")
-RET_METRICS = tuple(f"{m}@{k}" for m in ("R", "P", "MAP") for k in (1, 5, 10))
-
-
-def metric_names(zero_shot: list[str], retrieval: list[str]) -> list[str]:
-    """Every metric name trials.trial.run_trial reports for these evaluation sets."""
-    return ([f"zs/{s}/{m}" for s in zero_shot for m in ZS_METRICS]
-            + [f"ret/{s}/{p}/{d}/{m}" for s in retrieval for p in RET_PROTOCOLS
-               for d in RET_DIRECTIONS for m in RET_METRICS]
-            + ["best_val_loss"])
-
-
-def default_mode(metric: str) -> str:
-    return "min" if "loss" in metric else "max"
-
-
 def _objective(spec: "SweepSpec") -> tuple[str, str]:
     """(metric, mode) Optuna optimises; checked against the spec's evaluation sets.
 
-    Default metric: the headline metric (:func:`orchestrator.results.choose_headline`,
+    Default metric: the headline metric (:func:`orchestrator.schema.choose_headline`,
     the rule the report and ``status`` use) among the names this spec produces.
     Default mode: "min" for a metric whose name contains "loss", else "max".
     """
-    from orchestrator.results import choose_headline
-
     zs = [r.name for r in spec.data.zero_shot]
     ret = [r.name for r in spec.data.retrieval]
     valid = metric_names(zs, ret)
@@ -513,9 +461,6 @@ def load_spec(path: str | Path, overrides: dict | None = None) -> SweepSpec:
         raise SpecError("a spec must be a YAML mapping", source=str(path))
     data = substitute_env({**data, **(overrides or {})})
     return _validate(data, str(path))
-
-
-SPEC_FILE = "spec.json"
 
 
 def save_spec(spec: SweepSpec, run_dir: Path) -> None:

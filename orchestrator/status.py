@@ -6,7 +6,8 @@ import json
 from pathlib import Path
 
 from orchestrator.durable import atomic_write_bytes
-from orchestrator.results import PLAN_FILE, ResultsStore, headline_metric, plan_progress
+from orchestrator.results import ResultsStore, plan_progress
+from orchestrator.schema import DONE, FAILED, PLAN_FILE, RESULTS_DIR, STOPPED, headline_metric
 
 
 def write_plan(run_dir: Path, fingerprints: list[str], optuna: dict | None = None) -> None:
@@ -17,14 +18,14 @@ def write_plan(run_dir: Path, fingerprints: list[str], optuna: dict | None = Non
 
 
 def run_status(run_dir: Path) -> str:
-    if not (run_dir / "results").is_dir() and not (run_dir / PLAN_FILE).is_file():
+    if not (run_dir / RESULTS_DIR).is_dir() and not (run_dir / PLAN_FILE).is_file():
         raise FileNotFoundError(f"{run_dir} is not a run directory (no results/ or {PLAN_FILE}); "
                                 "pass the directory that `structure-sweep run` printed")
-    trials = ResultsStore(run_dir).read("trials")
+    trials = ResultsStore(run_dir).query("trials")
     status = trials["status"] if not trials.empty else None
-    done = trials[status == "done"] if status is not None else trials
-    stopped = trials[status == "stopped"] if status is not None else trials
-    failed = trials[status == "failed"] if status is not None else trials
+    done = trials[status == DONE] if status is not None else trials
+    stopped = trials[status == STOPPED] if status is not None else trials
+    failed = trials[status == FAILED] if status is not None else trials
     progress = plan_progress(run_dir, trials)
     pending, n_planned = progress["pending"], progress["planned"]
     lines = [f"run: {run_dir}",

@@ -39,7 +39,8 @@ from orchestrator.feature_store import FeatureStore
 from orchestrator.features import FeatureSet, extract_features, trial_data
 from orchestrator.planning import (PlannedTrial, materialize, optuna_space, param_space,
                                    plan_trials)
-from orchestrator.results import ResultsStore, finished_statuses
+from orchestrator.results import ResultsStore
+from orchestrator.schema import LOCK_FILE, finished_statuses
 from orchestrator.similarity_stage import similarity_stage
 from orchestrator.spec import SweepSpec, check_runnable, save_spec
 from orchestrator.status import write_plan
@@ -79,9 +80,6 @@ def run_sweep(spec: SweepSpec, *, address: str | None = None, dashboard: bool = 
 
 class RunDirBusy(RuntimeError):
     """Another driver holds the run directory."""
-
-
-LOCK_FILE = ".driver.lock"
 
 
 @contextlib.contextmanager

@@ -65,7 +65,7 @@ TINY = {
     "training": {"out_dim": 16, "epochs": 5, "batch_size": 256, "lr": 0.003, "patience": 3,
                  "warmup_steps": 10},
     "search": [{"name": "grid", "layers": "all", "structure_lambda": 0, "n_train": 300},
-               {"name": "scaling", "layers": ["best", "last"], "structure_lambda": [0, 10],
+               {"name": "scaling", "layers": ["similar", "last"], "structure_lambda": [0, 10],
                 "n_train": [150, 600]}],
     "tune": {"max_concurrent_trials": 2},
 }

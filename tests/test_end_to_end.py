@@ -24,12 +24,12 @@ def test_sweep_runs_every_trial_once_then_skips_everything(ray_cluster, tiny_spe
     # (the best and last pair at n=300 are not repeated: sizes differ)
     assert first.planned == 9 + 8 and first.failed == 0 and first.finished == first.planned
     assert first.features_computed == 8 and first.features_cached == 0
-    trials = ResultsStore(tiny_spec.run_dir).read("trials")
+    trials = ResultsStore(tiny_spec.run_dir).query("trials")
     assert len(trials) == first.planned and trials["fingerprint"].is_unique
     assert (trials["status"] == "done").all()
     assert trials["zs/classes/top1"].between(0, 1).all()
     assert trials["ret/captions/standard/I2T/R@1"].between(0, 1).all()
-    similarity = ResultsStore(tiny_spec.run_dir).read("layer_similarity")
+    similarity = ResultsStore(tiny_spec.run_dir).query("layer_similarity")
     assert len(similarity) == 9
     best = similarity.loc[similarity["score"].idxmax()]
     assert (best["image_layer"], best["text_layer"]) == (1, 2)  # the planted pair
@@ -37,7 +37,7 @@ def test_sweep_runs_every_trial_once_then_skips_everything(ray_cluster, tiny_spe
     second = run_sweep(tiny_spec, log=lambda *_: None)
     assert second.finished == 0 and second.skipped == first.planned
     assert second.features_computed == 0 and second.features_cached == 8
-    assert len(ResultsStore(tiny_spec.run_dir).read("trials")) == first.planned
+    assert len(ResultsStore(tiny_spec.run_dir).query("trials")) == first.planned
 
     status = run_status(tiny_spec.run_dir)
     assert f"{first.planned} done, 0 stopped early, 0 failed, 0 pending" in status
@@ -55,5 +55,5 @@ def test_a_grid_larger_than_the_feature_budget_runs_in_waves(ray_cluster, tmp_pa
     assert outcome.finished == 9 and outcome.failed == 0
     assert [line.split(":")[0].strip() for line in lines if "wave" in line] == \
         ["wave 1/3", "wave 2/3", "wave 3/3"]
-    trials = ResultsStore(tmp_path / "run").read("trials")
+    trials = ResultsStore(tmp_path / "run").query("trials")
     assert len(trials) == 9 and trials["fingerprint"].is_unique

@@ -3,10 +3,10 @@
 A preset is a plain dict::
 
     {"head": str, "head_options": dict, "out_dim": int,
-     "layer_rule": "last" | "best",
+     "layer_rule": "last" | "similar",
      "loss": AlignmentLoss kwargs, "train": TrainConfig overrides}
 
-``layer_rule`` "last" trains the last-layer pair, "best" the most similar pair
+``layer_rule`` "last" trains the last-layer pair, "similar" the most similar pair
 (§6). For ``csa`` the head options are :func:`trials.heads.fit_csa` options
 and ``loss`` is empty (closed form, no training loop). ``train`` is empty
 because :class:`trials.train.TrainConfig`'s defaults are the official ones
@@ -44,19 +44,19 @@ def _gradient_heads() -> dict[str, dict]:
     out = {}
     for head, options in (("linear", {}), ("res_low_rank", _RES_LOW_RANK)):
         out[f"{head}+last"] = _preset(head, "last", _NO_RS_LOSS, options)
-        out[f"{head}+similar"] = _preset(head, "best", _NO_RS_LOSS, options)
-        out[f"{head}+similar+rs"] = _preset(head, "best", _RS_LOSS, options)
+        out[f"{head}+similar"] = _preset(head, "similar", _NO_RS_LOSS, options)
+        out[f"{head}+similar+rs"] = _preset(head, "similar", _RS_LOSS, options)
         for levels in LEVELS:
-            out[f"{head}+similar+rs-l{levels}"] = _preset(head, "best", _levels(_RS_LOSS, levels), options)
+            out[f"{head}+similar+rs-l{levels}"] = _preset(head, "similar", _levels(_RS_LOSS, levels), options)
     return out
 
 
 def _csa() -> dict[str, dict]:
     """csa/csa_base_{last,best} and csa/csa_structure_{1,2,3,5}; sim_dim 512."""
-    out = {"csa+last": _preset("csa", "last", {}), "csa+similar": _preset("csa", "best", {})}
-    out["csa+similar+rs"] = _preset("csa", "best", {}, _CSA_REFINE)
+    out = {"csa+last": _preset("csa", "last", {}), "csa+similar": _preset("csa", "similar", {})}
+    out["csa+similar+rs"] = _preset("csa", "similar", {}, _CSA_REFINE)
     for levels in LEVELS:
-        out[f"csa+similar+rs-l{levels}"] = _preset("csa", "best", {}, dict(_CSA_REFINE, levels=levels))
+        out[f"csa+similar+rs-l{levels}"] = _preset("csa", "similar", {}, dict(_CSA_REFINE, levels=levels))
     return out
 
 
@@ -69,11 +69,11 @@ def _ablations() -> dict[str, dict]:
         "ablation-distance-rbf": dict(structure_distance="rbf"),
         "ablation-distance-spearman": dict(structure_distance="spearman"),
     }
-    return {name: _preset("linear", "best", dict(_RS_LOSS, **switch)) for name, switch in switches.items()}
+    return {name: _preset("linear", "similar", dict(_RS_LOSS, **switch)) for name, switch in switches.items()}
 
 
 _PRESETS: dict[str, dict] = {
-    "default": _preset("linear", "best", _RS_LOSS, out_dim=256),  # configs/default.yaml
+    "default": _preset("linear", "similar", _RS_LOSS, out_dim=256),  # configs/default.yaml
     **_gradient_heads(),
     **_csa(),
     **_ablations(),

@@ -1,4 +1,6 @@
-"""Which layer pairs to train, from a layer-similarity score matrix (METHOD.md §6.1, §6.3).
+"""Layer rules: which layer pairs to train, from a layer-similarity score matrix
+(METHOD.md §6.1, §6.3). The one home of the rule grammar (:func:`parse_rule`,
+:class:`LayerRule`: spec validation, presets, planning and the report use it).
 
 ``select_layers(scores, rule)`` re-implements ``AlignmentTrainer.compute_layer_alignment``
 of the official code without pandas:
@@ -11,18 +13,20 @@ of the official code without pandas:
   official code writes (−1, −1) ("last layer of each model") this returns
   ``(Li − 1, Lj − 1)``.
 
-Rules (``SELECTION_RULES``):
+Official rules (spec spelling, official flag):
 
-* ``"best"`` (``best_only``, the default of every config): the highest-scoring
+* ``"similar"`` (``best_only``, the default of every config): the highest-scoring
   pair of the ``"bins"`` list, i.e. the global maximum (with a single bin, the
   code's list lacks the maximum: see ``_best``).
 * ``"last"`` (``last_only``): the last layer pair.
-* ``"bins"`` (neither flag): ``n_bins`` quantile bins of the scores (``pd.qcut``,
+* ``"bins"`` / ``"binsN"`` (neither flag): ``n_bins`` quantile bins of the scores (``pd.qcut``,
   duplicate edges dropped), one random pair per bin (``random_state=seed``), sorted
   by score descending; the first is replaced by the global maximum and the last
   by the global minimum; the last-layer pair is appended; duplicates are dropped.
-* ``"last_k"`` (``n_last_layers=k``): every pair among the last k layers of each
+* ``"lastK"`` (``n_last_layers=K``): every pair among the last k layers of each
   model, ordered by i descending, then j descending.
+
+Ours: ``"all"`` (every pair), ``"topK"`` (the K most similar) and ``[i, j]``.
 
 Ties: the code's pandas ``sort_values`` is an unstable quicksort, so its choice
 among equal scores is unspecified. Here ties break as a stable sort would: the
@@ -35,13 +39,13 @@ for ``sample(random_state=seed)``, so the global RNGs are never touched.
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Union
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Union
 
 import numpy as np
-import torch
 
 Pair = tuple[int, int]
-ScoreMatrix = Union[torch.Tensor, np.ndarray]
+ScoreMatrix = Any  # a [Li, Lj] numpy array or torch tensor
 N_SELECTION_SAMPLES = 5000  # layer_selection.n_samples of every config (§6.1)
 
 
@@ -75,8 +79,8 @@ def quantile_bins(values: np.ndarray, n_bins: int) -> np.ndarray:
 
 
 def _to_matrix(scores: ScoreMatrix) -> np.ndarray:
-    if isinstance(scores, torch.Tensor):
-        scores = scores.detach().to("cpu", torch.float64).numpy()
+    if hasattr(scores, "detach"):  # a torch tensor (this module itself never imports torch)
+        scores = scores.detach().cpu().double().numpy()
     matrix = np.asarray(scores, dtype=np.float64)
     if matrix.ndim != 2 or matrix.size == 0:
         raise ValueError(f"scores must be a non-empty [Li, Lj] matrix, got shape {matrix.shape}")
@@ -133,32 +137,119 @@ def _last_k(matrix: np.ndarray, k: Optional[int], **_) -> list[int]:
     return [i * lj + j for i in range(li - 1, max(li - k, 0) - 1, -1) for j in range(lj - 1, max(lj - k, 0) - 1, -1)]
 
 
-SELECTION_RULES: dict[str, Callable[..., list[int]]] = {
-    "best": _best,
+_OFFICIAL: dict[str, Callable[..., list[int]]] = {
+    "similar": _best,
     "last": _last,
     "bins": _bins,
     "last_k": _last_k,
 }
 
 
-def select_layers(
-    scores: ScoreMatrix,
-    rule: str = "best",
-    *,
-    n_bins: int = 5,
-    seed: int = 0,
-    k: Optional[int] = None,
-) -> list[Pair]:
-    """Layer pairs ``(i, j)`` to train, in the official training order (§6.3; see module doc).
+# --- layer rules: the one grammar of specs, presets, planning and the report ------------
 
-    ``scores``: [Li, Lj] tensor or array, higher = more similar, no concatenation entries.
-    ``n_bins`` and ``seed`` apply to ``"bins"`` (``n_score_bins`` and ``random_state``),
-    ``k`` to ``"last_k"`` (``n_last_layers``).
+DEFAULT_BINS = 5  # n_score_bins of every official config
+RULE_FORMS = ("all | last | similar | topK (e.g. top3) | lastK (e.g. last2) | bins | binsN "
+              "(e.g. bins3) | [image_layer, text_layer]")
+LEGACY_NAMES = {"best": "similar"}  # spelling of specs written before 0.2 (resume reads them)
+
+
+@dataclass(frozen=True)
+class LayerRule:
+    """Which layer pairs a trial trains.
+
+    ``kind``: ``all`` (every pair), ``last`` (the last pair), ``similar`` (the
+    most similar pair, the official ``best_only``), ``top`` (the ``k`` most
+    similar), ``last_k`` (every pair among the last ``k`` layers, the official
+    ``n_last_layers``), ``bins`` (one pair per similarity quantile bin, ``k``
+    bins, the official default list) or ``pair`` (an explicit ``pair``).
     """
-    if rule not in SELECTION_RULES:
-        raise ValueError(f"rule={rule!r} is not supported; allowed values: {', '.join(map(repr, SELECTION_RULES))}")
+
+    kind: str
+    k: int = 0
+    pair: Optional[Pair] = None
+
+    def __str__(self) -> str:
+        if self.kind == "pair":
+            return f"[{self.pair[0]}, {self.pair[1]}]"
+        if self.kind == "bins":
+            return "bins" if self.k == DEFAULT_BINS else f"bins{self.k}"
+        return {"top": f"top{self.k}", "last_k": f"last{self.k}"}.get(self.kind, self.kind)
+
+    @property
+    def needs_similarity(self) -> bool:
+        return self.kind in ("similar", "top", "bins")
+
+    def count(self, num_layers: Optional[tuple[int, int]]) -> tuple[int, bool]:
+        """(pairs this rule names, whether exact): ``bins`` counts its upper bound."""
+        if self.kind in ("all", "last_k"):
+            if num_layers is None:
+                raise ValueError(f"counting {self} layer pairs needs the encoders' layer counts")
+            li, lj = num_layers
+            return (li * lj, True) if self.kind == "all" else (min(self.k, li) * min(self.k, lj), True)
+        if self.kind == "bins":
+            return self.k + 1, False
+        return (self.k, True) if self.kind == "top" else (1, True)
+
+    def resolve(self, scores: ScoreMatrix, *, seed: int = 0) -> list[Pair]:
+        """The pairs this rule names on a [Li, Lj] similarity matrix, in training order."""
+        return select_layers(scores, self, seed=seed)
+
+
+def is_layer_pair(value: Any) -> bool:
+    """``[i, j]``: exactly two ints (a list of rules such as ``[similar, last]`` is not)."""
+    return (isinstance(value, (list, tuple)) and len(value) == 2
+            and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in value))
+
+
+def _suffix(text: str, prefix: str) -> int:
+    rest = text[len(prefix):] if text.startswith(prefix) else ""
+    return int(rest) if rest.isdigit() and int(rest) > 0 else 0
+
+
+def parse_rule(value: Any) -> LayerRule:
+    """A :class:`LayerRule` from its spelling (see ``RULE_FORMS``); ValueError otherwise."""
+    if isinstance(value, LayerRule):
+        return value
+    if is_layer_pair(value):
+        return LayerRule("pair", pair=(int(value[0]), int(value[1])))
+    if isinstance(value, str):
+        value = LEGACY_NAMES.get(value, value)
+        if value in ("all", "last", "similar"):
+            return LayerRule(value)
+        if value == "bins":
+            return LayerRule("bins", DEFAULT_BINS)
+        for prefix, kind in (("top", "top"), ("last", "last_k"), ("bins", "bins")):
+            if _suffix(value, prefix):
+                return LayerRule(kind, _suffix(value, prefix))
+    raise ValueError(f"{value!r} is not a layer rule; expected {RULE_FORMS}")
+
+
+def select_layers(scores: ScoreMatrix, rule: Union[str, LayerRule, Pair] = "similar", *,
+                  seed: int = 0, n_bins: int = DEFAULT_BINS) -> list[Pair]:
+    """Layer pairs ``(i, j)`` a rule names, in the official training order (§6.3).
+
+    ``scores``: [Li, Lj] array or tensor, higher = more similar, no concatenation
+    entries. ``seed`` is the bins' ``random_state``; ``n_bins`` the number of
+    score bins behind ``similar`` (the official ``best_only`` picks the top of the
+    bins list; a ``binsN`` rule sets its own). ``topK`` is ours: the K most
+    similar pairs, ties in row-major order.
+    """
+    rule = parse_rule(rule)
     if isinstance(n_bins, bool) or not isinstance(n_bins, (int, np.integer)) or n_bins < 1:
         raise ValueError(f"n_bins={n_bins!r} is not supported; allowed values: an integer >= 1")
     matrix = _to_matrix(scores)
-    flat_pairs = SELECTION_RULES[rule](matrix, n_bins=n_bins, seed=seed, k=k)
-    return [(int(r // matrix.shape[1]), int(r % matrix.shape[1])) for r in flat_pairs]
+    li, lj = matrix.shape
+    if rule.kind == "pair":
+        i, j = rule.pair
+        if not (-li <= i < li and -lj <= j < lj):
+            raise ValueError(f"layer pair {list(rule.pair)} is out of range for {li} image "
+                             f"and {lj} text layers")
+        return [(i % li, j % lj)]
+    if rule.kind == "all":
+        flat = list(range(matrix.size))
+    elif rule.kind == "top":
+        flat = [int(o) for o in np.argsort(-matrix, axis=None, kind="stable")[: rule.k]]
+    else:
+        bins = rule.k if rule.kind == "bins" else n_bins
+        flat = _OFFICIAL[rule.kind](matrix, n_bins=bins, seed=seed, k=rule.k)
+    return [(int(r // lj), int(r % lj)) for r in flat]

@@ -18,13 +18,13 @@ torchvision, so a spec is validated without them.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass
 from dataclasses import field as dataclass_field
 from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
+
+from orchestrator.keys import content_key
 
 _REGISTRY: dict[str, Callable[..., "Split"]] = {}
 
@@ -103,8 +103,7 @@ def load_split(dataset: str, split: str, options: dict | None = None) -> Split:
 
 def fingerprint(*parts: Any) -> str:
     """A stable content hash of JSON-serialisable parts."""
-    blob = json.dumps(parts, sort_keys=True, default=str).encode()
-    return hashlib.sha256(blob).hexdigest()[:24]
+    return content_key(list(parts), 24)
 
 
 # Importing these registers the built-in datasets (after the names above exist).

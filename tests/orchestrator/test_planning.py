@@ -3,7 +3,7 @@
 import numpy as np
 
 from orchestrator.features import FeatureSet, SplitFeatures
-from orchestrator.planning import fingerprint, resolve_layers
+from orchestrator.planning import fingerprint
 from trials.config import TrialConfig
 
 
@@ -27,12 +27,3 @@ def test_closed_form_csa_ignores_loss_and_optimiser_settings():
     assert fingerprint(a, features()) != fingerprint(TrialConfig(head="csa", seed=2), features())
     assert (fingerprint(TrialConfig(structure_lambda=0.0), features())
             != fingerprint(TrialConfig(structure_lambda=10.0), features()))
-
-
-def test_layer_rules_resolve_on_the_similarity_matrix():
-    scores = np.array([[0.1, 0.5, 0.2], [0.9, 0.3, 0.4]])
-    assert resolve_layers("best", scores) == [(1, 0)]
-    assert resolve_layers("last", scores) == [(1, 2)]
-    assert resolve_layers("top2", scores) == [(1, 0), (0, 1)]
-    assert len(resolve_layers("all", scores)) == 6
-    assert resolve_layers((-1, 0), scores) == [(1, 0)]

@@ -2,7 +2,8 @@
 
 import pandas as pd
 
-from orchestrator.results import ResultsStore, headline_metric
+from orchestrator.results import ResultsStore
+from orchestrator.schema import headline_metric
 
 
 def row(fp, status="done", **extra):
@@ -12,7 +13,7 @@ def row(fp, status="done", **extra):
 def test_write_read_roundtrip(tmp_path):
     store = ResultsStore(tmp_path)
     store.write("trials", [row("a", **{"zs/x/top1": 0.5}), row("b", **{"zs/x/top1": 0.7})])
-    frame = store.read("trials")
+    frame = store.query("trials")
     assert sorted(frame["fingerprint"]) == ["a", "b"]
     assert frame.set_index("fingerprint").loc["b", "zs/x/top1"] == 0.7
     assert not list((tmp_path / "results" / "trials").glob(".*"))  # no temp files left
@@ -23,7 +24,7 @@ def test_duplicates_count_once_and_success_outranks_failure(tmp_path):
     store.write("trials", [row("a", status="failed", error="boom")])
     store.write("trials", [row("a", **{"zs/x/top1": 0.9}), row("b")])
     store.write("trials", [row("b")])  # e.g. a flush retried after a crash
-    frame = store.read("trials")
+    frame = store.query("trials")
     assert len(frame) == 2
     assert frame.set_index("fingerprint").loc["a", "status"] == "done"
     assert store.finished_fingerprints() == {"a", "b"}
@@ -39,7 +40,7 @@ def test_parts_with_different_columns_are_unified(tmp_path):
     store = ResultsStore(tmp_path)
     store.write("trials", [row("a", **{"zs/x/top1": 0.5})])
     store.write("trials", [row("b", **{"ret/y/official/I2T/R@1": 0.25})])
-    frame = store.read("trials")
+    frame = store.query("trials")
     assert set(frame.columns) >= {"zs/x/top1", "ret/y/official/I2T/R@1"}
     assert pd.isna(frame.set_index("fingerprint").loc["b", "zs/x/top1"])
 
@@ -47,7 +48,7 @@ def test_parts_with_different_columns_are_unified(tmp_path):
 def test_rows_of_one_flush_keep_all_their_columns(tmp_path):
     store = ResultsStore(tmp_path)  # e.g. a stopped trial flushed before a finished one
     store.write("trials", [row("a", status="stopped", val_loss=3.0), row("b", **{"zs/x/top1": 0.8})])
-    frame = store.read("trials").set_index("fingerprint")
+    frame = store.query("trials").set_index("fingerprint")
     assert frame.loc["b", "zs/x/top1"] == 0.8 and frame.loc["a", "val_loss"] == 3.0
     assert pd.isna(frame.loc["a", "zs/x/top1"]) and pd.isna(frame.loc["b", "val_loss"])
 
@@ -56,11 +57,11 @@ def test_temp_files_of_a_crashed_writer_are_ignored(tmp_path):
     store = ResultsStore(tmp_path)
     store.write("trials", [row("a")])
     (tmp_path / "results" / "trials" / ".part-dead.parquet.tmp").write_bytes(b"PAR1 truncated")
-    assert list(store.read("trials")["fingerprint"]) == ["a"]
+    assert list(store.query("trials")["fingerprint"]) == ["a"]
 
 
 def test_empty_store_reads_empty(tmp_path):
-    assert ResultsStore(tmp_path).read("trials").empty
+    assert ResultsStore(tmp_path).query("trials").empty
     assert ResultsStore(tmp_path).finished_fingerprints() == set()
 
 
@@ -88,7 +89,7 @@ def test_compaction_merges_files_and_keeps_every_row_once(tmp_path):
         store.write("trials", [row(f"t{i}"), row(f"t{i + 1}")])  # overlapping keys
     merged = store.compact("trials")
     assert store.files("trials") == [merged]
-    assert sorted(store.read("trials")["fingerprint"]) == [f"t{i}" for i in range(6)]
+    assert sorted(store.query("trials")["fingerprint"]) == [f"t{i}" for i in range(6)]
     assert len(store.query("trials", dedup=False)) == 6  # duplicates dropped by compaction
 
 
@@ -116,18 +117,18 @@ def _interrupted_compaction(tmp_path, committed: bool):
 
 def test_interrupted_compaction_is_finished_when_committed(tmp_path):
     store, directory = _interrupted_compaction(tmp_path, committed=True)
-    assert sorted(store.read("trials")["fingerprint"]) == ["a", "b"]  # readable meanwhile
+    assert sorted(store.query("trials")["fingerprint"]) == ["a", "b"]  # readable meanwhile
     store.recover()
     assert [f.name for f in store.files("trials")] == ["part-cX.parquet"]
     assert not (directory / "_compaction.json").exists()
-    assert sorted(store.read("trials")["fingerprint"]) == ["a", "b"]
+    assert sorted(store.query("trials")["fingerprint"]) == ["a", "b"]
 
 
 def test_interrupted_compaction_is_undone_when_not_committed(tmp_path):
     store, directory = _interrupted_compaction(tmp_path, committed=False)
     store.recover()
     assert len(store.files("trials")) == 2 and not list(directory.glob(".part-*"))
-    assert sorted(store.read("trials")["fingerprint"]) == ["a", "b"]
+    assert sorted(store.query("trials")["fingerprint"]) == ["a", "b"]
 
 
 def test_compaction_and_query_at_100k_rows(tmp_path):
@@ -179,7 +180,7 @@ def test_query_retries_once_when_a_compaction_removes_a_listed_file(tmp_path, mo
     listings = iter([stale])
     real = ResultsStore.files
     monkeypatch.setattr(ResultsStore, "files", lambda self, t: next(listings, None) or real(self, t))
-    assert sorted(store.read("trials")["fingerprint"]) == ["a", "b"]
+    assert sorted(store.query("trials")["fingerprint"]) == ["a", "b"]
 
 
 def test_results_sink_compacts_during_a_long_sweep(tmp_path):
@@ -193,4 +194,4 @@ def test_results_sink_compacts_during_a_long_sweep(tmp_path):
         assert len(store.files("trials")) <= 4
     sink.flush()  # nothing buffered: no file, no count
     assert sink.written == 2 and len(store.files("trials")) == 3
-    assert sorted(store.read("trials")["fingerprint"]) == sorted(f"t{i}" for i in range(10))
+    assert sorted(store.query("trials")["fingerprint"]) == sorted(f"t{i}" for i in range(10))

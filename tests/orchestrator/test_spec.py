@@ -8,6 +8,7 @@ import yaml
 from orchestrator.config import SpecError
 from orchestrator.planning import count_trials
 from orchestrator.spec import expand_grid, load_spec
+from trials.selection import parse_rule
 
 DEMO = Path(__file__).parents[2] / "search_spaces" / "demo.yaml"
 
@@ -35,7 +36,7 @@ def test_demo_spec_loads_with_defaults():
     (lambda d: d["encoders"]["image"].update(name="nosuch:model"), "encoders.image.name", ["timm", "hf"]),
     (lambda d: d["encoders"]["text"].update(dtype="fp8"), "encoders.text.dtype", ["'bfloat16'"]),
     (lambda d: d["search"][1].update(structure_lamda=[1]), "search[1].structure_lamda", ["structure_lambda"]),
-    (lambda d: d["search"][0].update(layers="everything"), "search[0].layers", ["'top3'"]),
+    (lambda d: d["search"][0].update(layers="everything"), "search[0].layers", ["top3", "similar"]),
     (lambda d: d["search"][1].update(structure_centering=["meen"]), "search[1]", ["'standard'"]),
     (lambda d: d["data"]["train"].update(dataset="cocoo"), "data.train.dataset", ["registered"]),
     (lambda d: d["search"][1].update(head=["linear", "mpl"]), "search[1].head", ["'mlp'", "csa"]),
@@ -69,7 +70,7 @@ def test_missing_spec_file(tmp_path):
 
 def test_single_grid_mapping_and_scalars_become_lists(tmp_path):
     spec = load_spec(write_spec(tmp_path, lambda d: d.update(search={"layers": [[0, 1]], "seed": 3})))
-    assert spec.search == [{"layers": [(0, 1)], "seed": [3], "name": ["grid[0]"], "sample": {}, "num_samples": None}]
+    assert spec.search == [{"layers": [parse_rule((0, 1))], "seed": [3], "name": ["grid[0]"], "sample": {}, "num_samples": None}]
 
 
 def test_presets_unfold_into_trial_values_and_layer_rules(tmp_path):
@@ -79,15 +80,15 @@ def test_presets_unfold_into_trial_values_and_layer_rules(tmp_path):
     assert len(combos) == 4
     last = next(c for c in combos if c["preset"] == "linear+last")
     rs = next(c for c in combos if c["preset"] == "linear+similar+rs")
-    assert last["layers"] == "last" and last["structure_lambda"] == 0
-    assert rs["layers"] == "best" and rs["structure_lambda"] == 10 and rs["out_dim"] == 512
+    assert str(last["layers"]) == "last" and last["structure_lambda"] == 0
+    assert str(rs["layers"]) == "similar" and rs["structure_lambda"] == 10 and rs["out_dim"] == 512
 
 
 def test_grid_dimensions_override_the_preset(tmp_path):
     grid = {"preset": "linear+similar+rs", "structure_lambda": [1.0], "layers": "last"}
     spec = load_spec(write_spec(tmp_path, lambda d: d.update(search=grid)))
     (combo,) = expand_grid(spec.search[0])
-    assert combo["structure_lambda"] == 1.0 and combo["layers"] == "last"
+    assert combo["structure_lambda"] == 1.0 and str(combo["layers"]) == "last"
 
 
 def test_unknown_preset_is_named(tmp_path):
@@ -123,18 +124,6 @@ def test_sampled_dimensions_and_num_samples_plan_seeded_draws(tmp_path):
 def test_bad_sampled_dimension(tmp_path, dim, words):
     with pytest.raises(SpecError, match=words):
         load_spec(write_spec(tmp_path, lambda d: d.update(search={"lr": dim})))
-
-
-def test_layer_rules_bins_and_last_k():
-    import numpy as np
-
-    from orchestrator.planning import resolve_layers
-
-    scores = np.arange(12, dtype=float).reshape(3, 4)
-    assert resolve_layers("last2", scores) == [(2, 3), (2, 2), (1, 3), (1, 2)]
-    pairs = resolve_layers("bins3", scores)
-    assert pairs[0] == (2, 3) and (0, 0) in pairs and len(set(pairs)) == len(pairs)
-    assert resolve_layers("top2", scores) == [(2, 3), (2, 2)]
 
 
 def test_env_variables_are_substituted_and_unset_ones_fail_at_run_time(tmp_path, monkeypatch):
@@ -182,12 +171,12 @@ def test_shipped_specs_validate_without_their_variables(name):
 
 def test_two_ints_are_one_explicit_layer_pair(tmp_path):
     spec = load_spec(write_spec(tmp_path, lambda d: d.update(search={"layers": [3, 4]})))
-    assert spec.search[0]["layers"] == [(3, 4)]
+    assert spec.search[0]["layers"] == [parse_rule((3, 4))]
     assert count_trials(spec, (6, 6)) == (1, True)
     nested = load_spec(write_spec(tmp_path, lambda d: d.update(search={"layers": [[3, 4]]})))
-    assert nested.search[0]["layers"] == [(3, 4)]
+    assert nested.search[0]["layers"] == [parse_rule((3, 4))]
     rules = load_spec(write_spec(tmp_path, lambda d: d.update(search={"layers": ["best", "last"]})))
-    assert rules.search[0]["layers"] == ["best", "last"]
+    assert [str(r) for r in rules.search[0]["layers"]] == ["similar", "last"]  # old spelling reads
 
 
 def test_tune_mode_defaults_by_metric_and_metric_names_are_checked(tmp_path):
@@ -206,7 +195,7 @@ def test_tune_mode_defaults_by_metric_and_metric_names_are_checked(tmp_path):
 
 
 def test_default_objective_is_the_headline_metric(tmp_path):
-    from orchestrator.results import choose_headline, headline_metric
+    from orchestrator.schema import choose_headline, headline_metric
     import pandas as pd
 
     def two_sets(d):

@@ -23,7 +23,7 @@ def test_optuna_asha_stops_poor_trials_early_and_resume_tops_up(ray_cluster, tmp
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
     first = run_sweep(load_spec(tmp_path / "spec.yaml"), log=lambda *_: None)
     assert first.planned == 10 and first.finished == 10 and first.failed == 0
-    trials = ResultsStore(tmp_path / "run").read("trials")
+    trials = ResultsStore(tmp_path / "run").query("trials")
     assert len(trials) == 10 and trials["fingerprint"].is_unique
     stopped, done = trials[trials["status"] == "stopped"], trials[trials["status"] == "done"]
     assert len(stopped) >= 1 and len(done) >= 1  # ASHA cut some trials short
@@ -36,4 +36,4 @@ def test_optuna_asha_stops_poor_trials_early_and_resume_tops_up(ray_cluster, tmp
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
     second = run_sweep(load_spec(tmp_path / "spec.yaml"), log=lambda *_: None)
     assert second.skipped == 10 and second.finished == 2
-    assert len(ResultsStore(tmp_path / "run").read("trials")) == 12
+    assert len(ResultsStore(tmp_path / "run").query("trials")) == 12

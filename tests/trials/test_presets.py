@@ -26,7 +26,7 @@ def test_required_presets_exist():
 def test_preset_is_well_formed(name):
     preset = get_preset(name)
     assert set(preset) == {"head", "head_options", "out_dim", "layer_rule", "loss", "train"}
-    assert preset["head"] in list_heads() and preset["layer_rule"] in ("last", "best")
+    assert preset["head"] in list_heads() and preset["layer_rule"] in ("last", "similar")
     TrainConfig(**preset["train"])
     if preset["head"] == "csa":  # closed form: options go to fit_csa, no loss
         inspect.signature(fit_csa).bind(None, None, preset["out_dim"], **preset["head_options"])

@@ -1,0 +1,103 @@
+"""The results schema: one home for what a run directory holds and how it is named.
+
+The orchestrator writes by these names and the dashboards read by them:
+run-directory files, results tables and their keys, trial statuses, the
+metric-name grammar (builders and a parser) and the headline-metric rule.
+Torch- and Ray-free, so every reader can import it.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, NamedTuple, Optional
+
+# --- run directory ---------------------------------------------------------------
+SPEC_FILE = "spec.json"  # the resolved spec, plus the raw one resume reloads
+PLAN_FILE = "plan.json"  # planned fingerprints (grid) or counts per grid (optuna)
+LOCK_FILE = ".driver.lock"  # held by the one driver of a run directory
+RESULTS_DIR = "results"  # the Parquet store: results/<table>/part-*.parquet
+REPORT_FILE = "report.html"
+
+# --- tables --------------------------------------------------------------------------
+TABLES = ("trials", "layer_similarity")
+KEYS = {"trials": "fingerprint", "layer_similarity": "row_key"}  # deduplication key per table
+
+# --- trial statuses --------------------------------------------------------------
+DONE, STOPPED, FAILED = "done", "stopped", "failed"  # stopped: cut short by ASHA
+STATUSES = (DONE, STOPPED, FAILED)
+STATUS_RANK = {DONE: 0, STOPPED: 1}  # which duplicate row a reader keeps (lowest; failed last)
+
+
+def finished_statuses(include_stopped: bool = True) -> list[str]:
+    """Statuses a re-run skips; "stopped" only counts for ASHA runs."""
+    return [DONE, STOPPED] if include_stopped else [DONE]
+
+
+# --- metric names ------------------------------------------------------------------
+ZS_METRICS = ("top1", "top1_macro", "top5")
+RET_PROTOCOLS = ("official", "standard")
+RET_DIRECTIONS = ("I2T", "T2I")
+RET_METRICS = tuple(f"{m}@{k}" for m in ("R", "P", "MAP") for k in (1, 5, 10))
+VAL_LOSS = "best_val_loss"
+
+
+def zs_metric(dataset: str, metric: str) -> str:
+    return f"zs/{dataset}/{metric}"
+
+
+def ret_metric(dataset: str, protocol: str, direction: str, metric: str) -> str:
+    return f"ret/{dataset}/{protocol}/{direction}/{metric}"
+
+
+class MetricName(NamedTuple):
+    kind: str  # "zs" | "ret"
+    dataset: str
+    metric: str  # top1 | R@1 | ...
+    protocol: Optional[str] = None  # retrieval only
+    direction: Optional[str] = None  # retrieval only
+
+
+def parse_metric(name: str) -> Optional[MetricName]:
+    """The parts of an evaluation metric name, or None for any other column."""
+    parts = name.split("/")
+    if len(parts) == 3 and parts[0] == "zs":
+        return MetricName("zs", parts[1], parts[2])
+    if len(parts) == 5 and parts[0] == "ret":
+        return MetricName("ret", parts[1], parts[4], parts[2], parts[3])
+    return None
+
+
+def metric_names(zero_shot: Iterable[str], retrieval: Iterable[str]) -> list[str]:
+    """Every metric name a trial reports for these evaluation sets."""
+    return ([zs_metric(s, m) for s in zero_shot for m in ZS_METRICS]
+            + [ret_metric(s, p, d, m) for s in retrieval for p in RET_PROTOCOLS
+               for d in RET_DIRECTIONS for m in RET_METRICS]
+            + [VAL_LOSS])
+
+
+def default_mode(metric: str) -> str:
+    return "min" if "loss" in metric else "max"
+
+
+def choose_headline(names: Iterable[str]) -> Optional[str]:
+    """The one headline-metric rule (report, ``status``, the default Optuna
+    objective): among ``names``, the alphabetically first zero-shot top-1,
+    else the first retrieval I2T R@1 (official protocol first), else None."""
+    parsed = [(n, p) for n in names if (p := parse_metric(n))]
+    for wanted in (("zs", "top1", None), ("ret", "R@1", "official"), ("ret", "R@1", None)):
+        found = sorted(n for n, p in parsed if (p.kind, p.metric) == wanted[:2]
+                       and (p.kind == "zs" or p.direction == "I2T")
+                       and wanted[2] in (None, p.protocol))
+        if found:
+            return found[0]
+    return None
+
+
+def headline_metric(trials) -> Optional[str]:
+    """The metric to lead with: :func:`choose_headline` on the columns of a
+    trials DataFrame that hold values."""
+    return choose_headline(c for c in trials.columns if trials[c].notna().any())
+
+
+def config_column(field: str) -> str:
+    """The results column of a TrialConfig field."""
+    return f"config/{field}"
