@@ -92,7 +92,7 @@ def _train_heads(train_image, train_text, data, config, to, on_epoch):
                             **config.head_options).to(device)
     text_head = build_head(config.head, train_text.shape[1], config.out_dim,
                            **config.head_options).to(device)
-    loss_fn = AlignmentLoss(**config.loss_kwargs())
+    loss_fn = AlignmentLoss(config.loss_options())
     result = train_alignment(image_head, text_head, loss_fn, train_image, train_text,
                              to(data.val_image), to(data.val_text), config.train_config(str(device)),
                              on_epoch=on_epoch)

@@ -9,6 +9,8 @@ import pytest
 
 from trials import losses
 from trials.config import CLOSED_FORM_IGNORED, TrialConfig
+from trials.loss_options import LOSS_DEFAULTS, LossOptions
+from trials.train_options import TRAIN_DEFAULTS, TrainConfig
 
 
 @pytest.mark.parametrize("field, value", [
@@ -48,6 +50,19 @@ def test_the_literal_choices_are_the_losses_choices():
                            ("structure_distance", losses.DISTANCES),
                            ("structure_divergence", losses.DIVERGENCES)):
         assert typing.get_args(hints[field]) == allowed
+
+
+def test_the_parts_carry_the_trial_fields_and_the_owners_defaults():
+    config = TrialConfig(temperature=0.1, structure_levels=3, epochs=7, lr=1e-3, seed=5)
+    assert config.loss_options() == dataclasses.replace(LOSS_DEFAULTS, temperature=0.1, structure_levels=3)
+    assert config.train_config("cpu") == dataclasses.replace(TRAIN_DEFAULTS, epochs=7, lr=1e-3, seed=5)
+    assert TrialConfig().loss_options() == LOSS_DEFAULTS and TrialConfig().train_config("cpu") == TRAIN_DEFAULTS
+
+
+def test_closed_form_heads_ignore_every_loss_and_optimiser_field_but_not_the_seed():
+    owned = {f.name for f in dataclasses.fields(LossOptions)} | {f.name for f in dataclasses.fields(TrainConfig)}
+    trial_fields = [f.name for f in dataclasses.fields(TrialConfig)]
+    assert list(CLOSED_FORM_IGNORED) == [n for n in trial_fields if n in owned and n != "seed"]
 
 
 def test_fingerprint_fields_drop_what_csa_ignores():
