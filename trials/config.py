@@ -1,9 +1,10 @@
 """The flat config of one trial: every field is a possible search dimension.
 
 Composed from the options of each concern, which own their defaults: the
-loss (:class:`trials.loss_options.LossOptions`) and the training loop
-(:class:`trials.train_options.TrainConfig`). Kept free of heavy imports so a
-spec validates without loading torch.
+loss (:class:`trials.loss_options.LossOptions`), the training loop
+(:class:`trials.train_options.TrainConfig`) and the head
+(:mod:`trials.head_options`, through ``head``/``head_options``). Kept free of
+torch so a spec validates without loading it.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Literal, Optional
 
 from trials._checks import check_int
+from trials.head_options import check_head_options, is_closed_form
 from trials.loss_options import LOSS_DEFAULTS as LOSS
 from trials.loss_options import CENTERINGS, DISTANCES, DIVERGENCES, WEIGHTINGS, LossOptions
 from trials.train_options import RUN_FIELDS, TrainConfig
@@ -73,18 +75,16 @@ class TrialConfig:
         if not isinstance(self.head_options, dict):
             raise ValueError(f"head_options={self.head_options!r} is not supported; "  # noqa: TRY004 (one type for every check)
                              "allowed values: a mapping of the head's options")
-        if self.head_options:  # trials.heads imports torch: only when there are options to check
-            from trials.heads import check_head_options
-
+        if self.head_options:  # head names themselves are checked by the spec
             check_head_options(self.head, self.head_options)
 
     def fingerprint_fields(self) -> dict:
-        """The fields that determine the result: all of them, except for the closed-form
-        ``csa`` head, which ignores the loss and optimisation fields
+        """The fields that determine the result: all of them, except for a head fitted in
+        closed form, which ignores the loss and optimisation fields
         (``CLOSED_FORM_IGNORED``), so e.g. a λ sweep over CSA is one trial per setting
         of the remaining fields."""
         fields = dataclasses.asdict(self)
-        if self.head == "csa":
+        if is_closed_form(self.head):
             for name in CLOSED_FORM_IGNORED:
                 del fields[name]
         return fields

@@ -17,7 +17,8 @@ import torch
 
 from trials.config import TRIAL_CODE_VERSION, TrialConfig  # noqa: F401 (re-exported)
 from trials.evaluate import retrieval_metrics, zero_shot_logits, zero_shot_metrics, zero_shot_weights
-from trials.heads import build_head, fit_csa
+from trials.head_options import is_closed_form
+from trials.heads import HEADS, build_head
 from trials.losses import AlignmentLoss
 from trials.train import train_alignment
 
@@ -73,13 +74,11 @@ def run_trial(data: TrialData, config: TrialConfig, *, device: str = "cpu",
     rows = index.numpy()  # subsample on the host: only the trial's rows are copied
     train_image, train_text = to(np.asarray(data.train_image)[rows]), to(np.asarray(data.train_text)[rows])
     torch.manual_seed(config.seed)  # head initialisation
-    if config.head == "csa":
-        image_map, text_map, summary = _fit_csa(train_image, train_text, config)
-        class_vectors = _csa_class_vectors(text_map)
+    if is_closed_form(config.head):
+        image_map, text_map, class_vectors, summary = _fit_closed_form(train_image, train_text, config)
     else:
-        image_map, text_map, summary = _train_heads(train_image, train_text, data, config,
-                                                    to, on_epoch)
-        class_vectors = _head_class_vectors(text_map)
+        image_map, text_map, class_vectors, summary = _train_heads(train_image, train_text, data,
+                                                                   config, to, on_epoch)
     with torch.no_grad():
         metrics = _evaluate(data, image_map, text_map, class_vectors, to)
     return {**summary, **metrics, "n_train_used": len(index),
@@ -105,15 +104,16 @@ def _train_heads(train_image, train_text, data, config, to, on_epoch):
     summary = {"best_val_loss": result.best_val_loss, "best_epoch": result.best_epoch,
                "epochs_run": len(result.history), "lr_used": result.lr,
                "stopped": result.stopped}
-    return image_head, text_head, summary
+    return image_head, text_head, _head_class_vectors(text_head), summary
 
 
-def _fit_csa(train_image, train_text, config):
-    csa = fit_csa(train_image, train_text, config.out_dim, seed=config.seed,
-                  **config.head_options)
+def _fit_closed_form(train_image, train_text, config):
+    """Fit the head in closed form: its fitting function is the head's registered code."""
+    fit = HEADS.get(config.head)(train_image, train_text, config.out_dim, seed=config.seed,
+                                 **config.head_options)
     summary = {"best_val_loss": float("nan"), "best_epoch": 0, "epochs_run": 0,
                "lr_used": float("nan"), "stopped": "closed_form"}
-    return csa.transform_x, csa.transform_y, summary
+    return fit.transform_x, fit.transform_y, fit.class_vectors, summary
 
 
 def _head_class_vectors(text_map):
@@ -122,12 +122,6 @@ def _head_class_vectors(text_map):
         c, t, d = prompts.shape
         return zero_shot_weights(text_map(prompts.reshape(c * t, d)).reshape(c, t, -1))
     return class_vectors
-
-
-def _csa_class_vectors(text_map):
-    """STRUCTURE's CSA zero-shot: templates averaged on the raw features, then the
-    CCA transform (§4.4), with no renormalisation after it."""
-    return lambda prompts: text_map(zero_shot_weights(prompts))
 
 
 def _evaluate(data: TrialData, image_map, text_map, class_vectors, to) -> dict:

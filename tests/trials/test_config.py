@@ -77,5 +77,8 @@ def test_fingerprint_fields_drop_what_csa_ignores():
 
 
 def test_importing_and_building_a_config_does_not_load_torch():
-    code = "import sys, trials.config as c; c.TrialConfig(); assert 'torch' not in sys.modules"
+    code = ("import sys, trials.config as c, trials.presets as p\n"
+            "c.TrialConfig(head='csa', head_options={'refine': True}).fingerprint_fields()\n"
+            "c.TrialConfig(head='mlp', head_options={'num_layers': 3}), p.get_preset('default')\n"
+            "assert 'torch' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -4,10 +4,12 @@ import inspect
 
 import pytest
 
-from trials.heads import build_head, fit_csa, list_heads
+from trials.csa import fit_csa
+from trials.head_options import is_closed_form
+from trials.heads import build_head, list_heads
 from trials.losses import AlignmentLoss
 from trials.presets import get_preset, list_presets
-from trials.train import TrainConfig
+from trials.train_options import TrainConfig
 
 REQUIRED = [
     "linear+last", "linear+similar", "linear+similar+rs", "linear+similar+rs-l2",
@@ -28,7 +30,7 @@ def test_preset_is_well_formed(name):
     assert set(preset) == {"head", "head_options", "out_dim", "layer_rule", "loss", "train"}
     assert preset["head"] in list_heads() and preset["layer_rule"] in ("last", "similar")
     TrainConfig(**preset["train"])
-    if preset["head"] == "csa":  # closed form: options go to fit_csa, no loss
+    if is_closed_form(preset["head"]):  # closed form: options go to fit_csa, no loss
         inspect.signature(fit_csa).bind(None, None, preset["out_dim"], **preset["head_options"])
         assert preset["loss"] == {}
     else:
