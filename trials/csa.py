@@ -50,29 +50,6 @@ class CSAFit:
         renormalisation after it (§4.4)."""
         return self.transform_y(zero_shot_weights(prompts))
 
-    @property
-    def mmda_corr_coeff(self) -> torch.Tensor:
-        """MMDA's ``corr_coeff = diag(Z1'Z2)/n``, which equals ``rho * n/(n-1)`` (§11)."""
-        return self.rho * self.n_train / (self.n_train - 1)
-
-    def similarity(self, zx: torch.Tensor, zy: torch.Tensor, weighting: str = "none",
-                   dim: int | None = None) -> torch.Tensor:
-        """[n_x, n_y] similarities of canonical coordinates (first ``dim`` of them).
-
-        ``"none"``: plain cosine, what STRUCTURE evaluates with. ``"mmda"``: the
-        original CSA score ``sum_k c_k x_k y_k`` of L2-normalised coordinates
-        with MMDA's ``c = rho n/(n-1)`` (§11). ``"rho"``: the same with textbook ρ.
-        """
-        weights = {"none": None, "mmda": self.mmda_corr_coeff, "rho": self.rho}
-        if weighting not in weights:
-            raise ValueError(f"weighting must be one of {sorted(weights)}, got {weighting!r}")
-        dim = dim or zx.shape[1]
-        zx = nn.functional.normalize(zx[:, :dim], dim=1)
-        zy = nn.functional.normalize(zy[:, :dim], dim=1)
-        if weights[weighting] is not None:
-            zx = zx * weights[weighting][:dim].to(zx)
-        return zx @ zy.T
-
 
 def _project(x, mean: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     x = torch.as_tensor(x)

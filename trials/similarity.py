@@ -351,30 +351,3 @@ def layer_similarity(
     k_value = topk_from_rule(n, k)
     _check_k(k_value, n, minimum=spec.min_k)
     return spec.all_pairs(xs, ys, k_value)
-
-
-def compute_score_layers(
-    x_layers: Layers,
-    y_layers: Layers,
-    metric: str = "mutual_knn",
-    k: Union[int, str] = 10,
-    normalize: bool = True,
-) -> tuple[float, tuple[int, int], list[dict]]:
-    """STRUCTURE's ``compute_score`` (§6.2): scores of all (i, j), i, j ∈ {−1, 0, …}, −1 = concatenation.
-
-    Returns ``(best_score, best_indices, alignment_list)`` like the code: the list holds
-    ``{"indices": (i, j), "alignment_score": float}`` in the code's order (i outer,
-    j inner, −1 first), and the best is the first strict maximum starting from −1.
-    Note the trainer drops every row containing −1 before selecting (``selection.py``).
-    """
-    scores = layer_similarity(x_layers, y_layers, metric=metric, k=k, normalize=normalize, include_concat=True)
-    lx, ly = scores.shape[0] - 1, scores.shape[1] - 1
-    values = scores.tolist()
-    alignment_list, best_score, best_indices = [], -1.0, None
-    for i in range(-1, lx):
-        for j in range(-1, ly):
-            score = values[i][j]  # Python index −1 is the concatenation row/column
-            alignment_list.append({"indices": (i, j), "alignment_score": score})
-            if score > best_score:
-                best_score, best_indices = score, (i, j)
-    return best_score, best_indices, alignment_list

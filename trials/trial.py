@@ -15,7 +15,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from trials.config import TRIAL_CODE_VERSION, TrialConfig  # noqa: F401 (re-exported)
+from trials.config import TrialConfig
 from trials.evaluate import retrieval_metrics, zero_shot_logits, zero_shot_metrics, zero_shot_weights
 from trials.head_options import is_closed_form
 from trials.heads import HEADS, build_head

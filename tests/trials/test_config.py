@@ -1,13 +1,11 @@
-"""trials.config: TrialConfig's range checks, its choices and its fingerprint fields."""
+"""trials.config: TrialConfig's range checks, its composition from each concern's options and its fingerprint fields."""
 
 import dataclasses
 import subprocess
 import sys
-import typing
 
 import pytest
 
-from trials import losses
 from trials.config import CLOSED_FORM_IGNORED, TrialConfig
 from trials.loss_options import LOSS_DEFAULTS, LossOptions
 from trials.train_options import TRAIN_DEFAULTS, TrainConfig
@@ -41,15 +39,6 @@ def test_head_options_are_checked_against_the_head():
         TrialConfig(head="res_low_rank", head_options={"rnak": 4})
     with pytest.raises(ValueError, match="seed"):
         TrialConfig(head="csa", head_options={"seed": 3})
-
-
-def test_the_literal_choices_are_the_losses_choices():
-    hints = typing.get_type_hints(TrialConfig)
-    for field, allowed in (("structure_weighting", losses.WEIGHTINGS),
-                           ("structure_centering", losses.CENTERINGS),
-                           ("structure_distance", losses.DISTANCES),
-                           ("structure_divergence", losses.DIVERGENCES)):
-        assert typing.get_args(hints[field]) == allowed
 
 
 def test_the_parts_carry_the_trial_fields_and_the_owners_defaults():

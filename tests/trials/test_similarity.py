@@ -9,7 +9,6 @@ from trials.similarity import (
     METRICS,
     cka,
     cknna,
-    compute_score_layers,
     cycle_knn,
     layer_similarity,
     mutual_knn,
@@ -76,7 +75,9 @@ def _layer_major(values, dtype_name):
     return _tensor(values, dtype_name).permute(1, 0, 2)
 
 
-def test_compute_score_layers(compute_score_layers_ref_case):
+def test_all_pairs_with_concatenation_match_compute_score(compute_score_layers_ref_case):
+    """Every (i, j) score of the official ``compute_score``, i or j = −1 the concatenation,
+    which ``include_concat`` puts last so that Python index −1 reads it."""
     case = compute_score_layers_ref_case
     x, y = _layer_major(case["x_feats"], case["dtype"]), _layer_major(case["y_feats"], case["dtype"])
     for run in case["runs"]:
@@ -84,13 +85,12 @@ def test_compute_score_layers(compute_score_layers_ref_case):
         tol = KNN_TOL if METRICS.get(metric).uses_k else _cka_tol(case["dtype"])
         if METRICS.get(metric).uses_k and run.get("topk_used_for_knn") is not None:
             assert topk_from_rule(case["n"], run["topk_param"]) == run["topk_used_for_knn"]
-        best, best_indices, scores = compute_score_layers(x, y, metric, k=run.get("topk_param", 10))
+        scores = layer_similarity(x, y, metric, k=run.get("topk_param", 10), include_concat=True).tolist()
         expected = run["structure_alignment_list"]
-        assert [tuple(s["indices"]) for s in scores] == [tuple(e["indices"]) for e in expected]
-        for got, want in zip(scores, expected):
-            assert got["alignment_score"] == pytest.approx(want["alignment_score"], abs=tol), (metric, want)
-        assert best_indices == tuple(run["structure_best_including_concat"]["indices"])
-        assert best == pytest.approx(run["structure_best_including_concat"]["score"], abs=tol)
+        assert len(expected) == len(scores) * len(scores[0])
+        for want in expected:
+            i, j = want["indices"]
+            assert scores[i][j] == pytest.approx(want["alignment_score"], abs=tol), (metric, want)
 
 
 # --- CKA family (§15.6) -----------------------------------------------------------------------
