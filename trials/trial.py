@@ -1,8 +1,9 @@
 """One alignment trial: subsample pairs, train the heads, evaluate.
 
-A trial is a plain function of in-memory features and a :class:`TrialConfig`;
-the orchestrator wraps it in Ray. Its flat config is what a sweep varies, so
-every field here is a possible search dimension.
+A trial is a plain function of in-memory features and a
+:class:`trials.config.TrialConfig` (the flat config a sweep varies); the
+orchestrator wraps it in Ray. A head fitted in closed form (registered so in
+:mod:`trials.head_options`) is fitted instead of trained.
 """
 
 from __future__ import annotations
