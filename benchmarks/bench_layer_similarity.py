@@ -49,7 +49,7 @@ def random_layers(n_layers: int, n: int, dim: int, seed: int, device: str) -> to
 
 def naive_scores(xs: torch.Tensor, ys: torch.Tensor, metric: str, k: int) -> torch.Tensor:
     """The official per-pair loop: normalise and score every pair from scratch."""
-    spec, args = METRICS[metric], ((k,) if METRICS[metric].uses_k else ())
+    spec, args = METRICS.get(metric), ((k,) if METRICS.get(metric).uses_k else ())
     rows = [[spec.pair(F.normalize(x, dim=-1), F.normalize(y, dim=-1), *args) for y in ys] for x in xs]
     return torch.stack([torch.stack(r) for r in rows])
 

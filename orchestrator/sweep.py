@@ -44,7 +44,8 @@ from orchestrator.schema import LOCK_FILE, finished_statuses
 from orchestrator.similarity_stage import similarity_stage
 from orchestrator.spec import SweepSpec, check_runnable, save_spec
 from orchestrator.status import write_plan
-from trials.trial import TrialConfig, run_trial
+from trials.config import TrialConfig
+from trials.trial import run_trial
 
 COMPACT_AT_FILES = 64  # compact a table at the end of a sweep once it has this many parts
 COMPACT_EVERY_FILES = 256  # during a sweep: compact after this many new part files

@@ -17,30 +17,29 @@ otherwise. The two documented departures are opt-in:
 
 from __future__ import annotations
 
-import numbers
+import dataclasses
 from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
-from trials._checks import check_choice as _check_choice
-from trials.config import CENTERINGS, DISTANCES, DIVERGENCES, WEIGHTINGS
+from trials._checks import check_choice, check_int, check_number
+from trials.loss_options import CENTERINGS, DISTANCES, DIVERGENCES, LOSS_DEFAULTS, WEIGHTINGS, LossOptions
 
 EPS = 1e-12  # R_S's eps inside every log and on M, and normalize's floor (§1, §3)
 UNIT_NORM_TOL = 1e-6  # safe_norm leaves rows alone within this of norm 1 (§1)
+RBF_GAMMA = 1.0  # structure_reg's gamma; CLIPLoss never sets it (§3 step 2)
 
 Extra = Optional[Tuple[torch.Tensor, torch.Tensor]]
 
 
 def _check_structure_options(levels, temperature, weighting, centering, distance, divergence) -> None:
-    _check_choice("weighting", weighting, WEIGHTINGS)
-    _check_choice("centering", centering, CENTERINGS)
-    _check_choice("distance", distance, DISTANCES)
-    _check_choice("divergence", divergence, DIVERGENCES)
-    if isinstance(levels, bool) or not isinstance(levels, numbers.Integral) or levels < 1:
-        raise ValueError(f"levels={levels!r} is not supported; allowed values: an integer >= 1")
-    if not temperature > 0:
-        raise ValueError(f"temperature={temperature!r} is not supported; allowed values: a number > 0")
+    check_choice("weighting", weighting, WEIGHTINGS)
+    check_choice("centering", centering, CENTERINGS)
+    check_choice("distance", distance, DISTANCES)
+    check_choice("divergence", divergence, DIVERGENCES)
+    check_int("levels", levels, 1)
+    check_number("temperature", temperature, 0, strict=True)
 
 
 def safe_normalize(x: torch.Tensor, eps: float = EPS) -> torch.Tensor:
@@ -117,23 +116,23 @@ def structure_regularizer(
     original: torch.Tensor,
     aligned: torch.Tensor,
     *,
-    levels: int = 1,
-    temperature: float = 0.05,
-    weighting: str = "none",
-    margin: float = 0.0,
-    centering: str = "mean",
-    center_first: bool = False,
-    distance: str = "cosine",
-    gamma: float = 1.0,
-    divergence: str = "official",
+    levels: int = LOSS_DEFAULTS.structure_levels,
+    temperature: float = LOSS_DEFAULTS.temperature,
+    weighting: str = LOSS_DEFAULTS.structure_weighting,
+    margin: float = LOSS_DEFAULTS.structure_margin,
+    centering: str = LOSS_DEFAULTS.structure_centering,
+    center_first: bool = LOSS_DEFAULTS.structure_center_first,
+    distance: str = LOSS_DEFAULTS.structure_distance,
+    gamma: float = RBF_GAMMA,
+    divergence: str = LOSS_DEFAULTS.structure_divergence,
 ) -> torch.Tensor:
     """R_S(X, A) exactly as the official ``structure_reg`` (METHOD.md §3), as a 0-d tensor.
 
     ``original`` X [n, d_x] are the raw frozen features, ``aligned`` A [n, d]
     the head outputs. Runs in the inputs' dtype with autocast off. With
     ``distance="spearman"`` the result has no gradient (argsort), like the code.
-    Defaults are those CLIPLoss passes (L=1, T=0.05, "none"), not
-    ``structure_reg``'s own Python defaults (L=3, T=0.1, "inverse").
+    Defaults are those CLIPLoss passes (``LossOptions``: L=1, T=0.05, "none"),
+    not ``structure_reg``'s own Python defaults (L=3, T=0.1, "inverse").
     """
     _check_structure_options(levels, temperature, weighting, centering, distance, divergence)
     if original.ndim != 2 or aligned.ndim != 2 or original.shape[0] != aligned.shape[0]:
@@ -170,6 +169,10 @@ def clip_loss(a_img: torch.Tensor, a_txt: torch.Tensor, temperature: float) -> t
 class AlignmentLoss(torch.nn.Module):
     """The official ``CLIPLoss`` (§2): CLIP loss + λ·½[R_S(image) + R_S(text)], λ warmed up (§3.1).
 
+    Built from a :class:`~trials.loss_options.LossOptions` (its defaults when
+    none is given), with keyword overrides of its fields:
+    ``AlignmentLoss(structure_lambda=0.0)``.
+
     Call ``step()`` before every training batch. λ is ``structure_lambda``
     before the first ``step()``, then λ_base·min(1, b/warmup_steps) on the
     b-th batch (0-based), so the first batch has λ=0 and skips R_S.
@@ -178,41 +181,24 @@ class AlignmentLoss(torch.nn.Module):
 
     Departures, all opt-in: ``structure_divergence="js"`` (textbook JS) and
     ``paper_sum=True`` (sum the two modality terms, the paper's form: the
-    code's λ=10 equals λ=5 there). ``warmup_steps <= 0`` means no warm-up
+    code's λ=10 equals λ=5 there). ``warmup_steps=0`` means no warm-up
     (the official code would divide by zero).
     """
 
-    def __init__(
-        self,
-        temperature: float = 0.05,
-        normalize_latents: bool = True,
-        warmup_steps: int = 1000,
-        structure_lambda: float = 10.0,
-        structure_levels: int = 1,
-        structure_weighting: str = "none",
-        structure_margin: float = 0.0,
-        structure_centering: str = "mean",
-        structure_distance: str = "cosine",
-        structure_center_first: bool = False,
-        structure_divergence: str = "official",
-        paper_sum: bool = False,
-        structure_use_only_unimodal: bool = False,
-    ):
+    def __init__(self, options: LossOptions = LOSS_DEFAULTS, **overrides):
         super().__init__()
-        _check_structure_options(structure_levels, temperature, structure_weighting,
-                                 structure_centering, structure_distance, structure_divergence)
-        if structure_lambda < 0:
-            raise ValueError(f"structure_lambda={structure_lambda!r} is not supported; allowed values: a number >= 0")
-        self.temperature = temperature
-        self.normalize_latents = normalize_latents
-        self.warmup_steps = warmup_steps
-        self.lambda_base = float(structure_lambda)
-        self.paper_sum = paper_sum
-        self.use_only_unimodal = structure_use_only_unimodal
+        options = dataclasses.replace(options, **overrides)  # replace() re-runs the checks
+        self.temperature = options.temperature
+        self.normalize_latents = options.normalize_latents
+        self.warmup_steps = options.warmup_steps
+        self.lambda_base = float(options.structure_lambda)
+        self.paper_sum = options.paper_sum
+        self.use_only_unimodal = options.structure_use_only_unimodal
         self.structure_options = dict(
-            levels=structure_levels, temperature=temperature, weighting=structure_weighting,
-            margin=structure_margin, centering=structure_centering, distance=structure_distance,
-            center_first=structure_center_first, divergence=structure_divergence,
+            levels=options.structure_levels, temperature=options.temperature,
+            weighting=options.structure_weighting, margin=options.structure_margin,
+            centering=options.structure_centering, distance=options.structure_distance,
+            center_first=options.structure_center_first, divergence=options.structure_divergence,
         )
         self.steps = 0
 

@@ -10,7 +10,7 @@ Two layers of API:
   are combined from those, instead of recomputing both sides for every pair as
   the official ``compute_score`` does.
 
-``METRICS`` is the one registry of metrics by name. kNN sets are computed in
+``METRICS`` is the one registry of metrics by name (``trials.registry.Registry``). kNN sets are computed in
 the input dtype (so neighbours are those the official float32 code finds);
 kernel sums (CKA, CKNNA) are accumulated in float64 for accuracy.
 """
@@ -23,6 +23,8 @@ from typing import Callable, Sequence, Union
 
 import torch
 import torch.nn.functional as F
+
+from trials.registry import Registry
 
 Layers = Union[torch.Tensor, Sequence[torch.Tensor]]
 CKA_EPS = 1e-6  # the +1e-6 in platonic-rep's CKA denominators (§6)
@@ -288,19 +290,13 @@ class Metric:
     min_k: int = 1
 
 
-METRICS: dict[str, Metric] = {
-    "mutual_knn": Metric(mutual_knn, _mutual_knn_all, uses_k=True),
-    "cycle_knn": Metric(cycle_knn, _cycle_knn_all, uses_k=True),
-    "cka": Metric(cka, lambda xs, ys: _cka_all(xs, ys, unbiased=False), uses_k=False),
-    "unbiased_cka": Metric(unbiased_cka, lambda xs, ys: _cka_all(xs, ys, unbiased=True), uses_k=False),
-    "cknna": Metric(cknna, _cknna_all, uses_k=True, min_k=2),
-}
-
-
-def get_metric(name: str) -> Metric:
-    if name not in METRICS:
-        raise ValueError(f"metric={name!r} is not supported; allowed values: {', '.join(map(repr, METRICS))}")
-    return METRICS[name]
+METRICS: Registry[Metric] = Registry("metric")
+METRICS.register("mutual_knn", Metric(mutual_knn, _mutual_knn_all, uses_k=True))
+METRICS.register("cycle_knn", Metric(cycle_knn, _cycle_knn_all, uses_k=True))
+METRICS.register("cka", Metric(cka, lambda xs, ys: _cka_all(xs, ys, unbiased=False), uses_k=False))
+METRICS.register("unbiased_cka", Metric(unbiased_cka, lambda xs, ys: _cka_all(xs, ys, unbiased=True),
+                                        uses_k=False))
+METRICS.register("cknna", Metric(cknna, _cknna_all, uses_k=True, min_k=2))
 
 
 def as_layer_list(layers: Layers, name: str = "layers") -> list[torch.Tensor]:
@@ -344,7 +340,7 @@ def layer_similarity(
     Memory: kNN metrics hold one [N, N] bool mask at a time; CKA holds the Ly
     y-side Gram matrices in float64 (Ly·N²·8 bytes, 5 GB for 25 layers at N=5000).
     """
-    spec = get_metric(metric)
+    spec = METRICS.get(metric)
     xs, ys = as_layer_list(x_layers, "x_layers"), as_layer_list(y_layers, "y_layers")
     n = xs[0].shape[0]
     if ys[0].shape[0] != n:
@@ -355,30 +351,3 @@ def layer_similarity(
     k_value = topk_from_rule(n, k)
     _check_k(k_value, n, minimum=spec.min_k)
     return spec.all_pairs(xs, ys, k_value)
-
-
-def compute_score_layers(
-    x_layers: Layers,
-    y_layers: Layers,
-    metric: str = "mutual_knn",
-    k: Union[int, str] = 10,
-    normalize: bool = True,
-) -> tuple[float, tuple[int, int], list[dict]]:
-    """STRUCTURE's ``compute_score`` (§6.2): scores of all (i, j), i, j ∈ {−1, 0, …}, −1 = concatenation.
-
-    Returns ``(best_score, best_indices, alignment_list)`` like the code: the list holds
-    ``{"indices": (i, j), "alignment_score": float}`` in the code's order (i outer,
-    j inner, −1 first), and the best is the first strict maximum starting from −1.
-    Note the trainer drops every row containing −1 before selecting (``selection.py``).
-    """
-    scores = layer_similarity(x_layers, y_layers, metric=metric, k=k, normalize=normalize, include_concat=True)
-    lx, ly = scores.shape[0] - 1, scores.shape[1] - 1
-    values = scores.tolist()
-    alignment_list, best_score, best_indices = [], -1.0, None
-    for i in range(-1, lx):
-        for j in range(-1, ly):
-            score = values[i][j]  # Python index −1 is the concatenation row/column
-            alignment_list.append({"indices": (i, j), "alignment_score": score})
-            if score > best_score:
-                best_score, best_indices = score, (i, j)
-    return best_score, best_indices, alignment_list

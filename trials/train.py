@@ -23,41 +23,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from trials._checks import check_choice as _check_choice
+from trials.train_options import TrainConfig
 
 LR_FINDER_START = 1e-7  # §5.2
 LR_FINDER_SUBSET = 5000  # §5.2: the finder sees at most this many rows
-EPOCH_CYCLES = 50  # §5.3: T_max = 50 epochs' worth of full batches
-
-
-@dataclass
-class TrainConfig:
-    """Optimisation settings of one trial; defaults are the official ones (§5.2-5.3)."""
-
-    epochs: int = 1000
-    batch_size: int = 4096
-    lr: float | None = None  # None -> LR finder (§5.2)
-    lr_finder_end: float = 10.0
-    lr_finder_iters: int = 100
-    lr_finder_fallback: float = 1e-3  # the config LR the official finder falls back to
-    weight_decay: float = 1e-4
-    betas: tuple = (0.9, 0.95)
-    eps: float = 1e-8
-    grad_clip: float = 1.0  # 0 disables clipping
-    clip_mode: str = "module_norm"  # or "per_parameter": UNDETERMINED in the spec (§5.3)
-    scheduler: str = "cosine_periodic"  # §5.3 exactly, or "none"
-    scheduler_epoch_cycles: int = EPOCH_CYCLES
-    patience: int = 200
-    mixup_alpha: float = 0.0  # FuseMix (§5.3)
-    fixed_structure: bool = False  # reviewer ablation (§5.3)
-    seed: int = 0
-    device: str = "cpu"
-
-    def __post_init__(self):
-        _check_choice("clip_mode", self.clip_mode, ("module_norm", "per_parameter"))
-        _check_choice("scheduler", self.scheduler, ("cosine_periodic", "none"))
-        if self.batch_size < 1 or self.epochs < 0 or self.patience < 1:
-            raise ValueError("batch_size and patience must be >= 1 and epochs >= 0")
 
 
 @dataclass

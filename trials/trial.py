@@ -1,8 +1,9 @@
 """One alignment trial: subsample pairs, train the heads, evaluate.
 
-A trial is a plain function of in-memory features and a :class:`TrialConfig`;
-the orchestrator wraps it in Ray. Its flat config is what a sweep varies, so
-every field here is a possible search dimension.
+A trial is a plain function of in-memory features and a
+:class:`trials.config.TrialConfig` (the flat config a sweep varies); the
+orchestrator wraps it in Ray. A head fitted in closed form (registered so in
+:mod:`trials.head_options`) is fitted instead of trained.
 """
 
 from __future__ import annotations
@@ -15,9 +16,10 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from trials.config import TRIAL_CODE_VERSION, TrialConfig  # noqa: F401 (re-exported)
+from trials.config import TrialConfig
 from trials.evaluate import retrieval_metrics, zero_shot_logits, zero_shot_metrics, zero_shot_weights
-from trials.heads import build_head, fit_csa
+from trials.head_options import is_closed_form
+from trials.heads import HEADS, build_head
 from trials.losses import AlignmentLoss
 from trials.train import train_alignment
 
@@ -73,13 +75,11 @@ def run_trial(data: TrialData, config: TrialConfig, *, device: str = "cpu",
     rows = index.numpy()  # subsample on the host: only the trial's rows are copied
     train_image, train_text = to(np.asarray(data.train_image)[rows]), to(np.asarray(data.train_text)[rows])
     torch.manual_seed(config.seed)  # head initialisation
-    if config.head == "csa":
-        image_map, text_map, summary = _fit_csa(train_image, train_text, config)
-        class_vectors = _csa_class_vectors(text_map)
+    if is_closed_form(config.head):
+        image_map, text_map, class_vectors, summary = _fit_closed_form(train_image, train_text, config)
     else:
-        image_map, text_map, summary = _train_heads(train_image, train_text, data, config,
-                                                    to, on_epoch)
-        class_vectors = _head_class_vectors(text_map)
+        image_map, text_map, class_vectors, summary = _train_heads(train_image, train_text, data,
+                                                                   config, to, on_epoch)
     with torch.no_grad():
         metrics = _evaluate(data, image_map, text_map, class_vectors, to)
     return {**summary, **metrics, "n_train_used": len(index),
@@ -92,7 +92,7 @@ def _train_heads(train_image, train_text, data, config, to, on_epoch):
                             **config.head_options).to(device)
     text_head = build_head(config.head, train_text.shape[1], config.out_dim,
                            **config.head_options).to(device)
-    loss_fn = AlignmentLoss(**config.loss_kwargs())
+    loss_fn = AlignmentLoss(config.loss_options())
     result = train_alignment(image_head, text_head, loss_fn, train_image, train_text,
                              to(data.val_image), to(data.val_text), config.train_config(str(device)),
                              on_epoch=on_epoch)
@@ -105,15 +105,16 @@ def _train_heads(train_image, train_text, data, config, to, on_epoch):
     summary = {"best_val_loss": result.best_val_loss, "best_epoch": result.best_epoch,
                "epochs_run": len(result.history), "lr_used": result.lr,
                "stopped": result.stopped}
-    return image_head, text_head, summary
+    return image_head, text_head, _head_class_vectors(text_head), summary
 
 
-def _fit_csa(train_image, train_text, config):
-    csa = fit_csa(train_image, train_text, config.out_dim, seed=config.seed,
-                  **config.head_options)
+def _fit_closed_form(train_image, train_text, config):
+    """Fit the head in closed form: its fitting function is the head's registered code."""
+    fit = HEADS.get(config.head)(train_image, train_text, config.out_dim, seed=config.seed,
+                                 **config.head_options)
     summary = {"best_val_loss": float("nan"), "best_epoch": 0, "epochs_run": 0,
                "lr_used": float("nan"), "stopped": "closed_form"}
-    return csa.transform_x, csa.transform_y, summary
+    return fit.transform_x, fit.transform_y, fit.class_vectors, summary
 
 
 def _head_class_vectors(text_map):
@@ -122,12 +123,6 @@ def _head_class_vectors(text_map):
         c, t, d = prompts.shape
         return zero_shot_weights(text_map(prompts.reshape(c * t, d)).reshape(c, t, -1))
     return class_vectors
-
-
-def _csa_class_vectors(text_map):
-    """STRUCTURE's CSA zero-shot: templates averaged on the raw features, then the
-    CCA transform (§4.4), with no renormalisation after it."""
-    return lambda prompts: text_map(zero_shot_weights(prompts))
 
 
 def _evaluate(data: TrialData, image_map, text_map, class_vectors, to) -> dict:

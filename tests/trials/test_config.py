@@ -1,14 +1,14 @@
-"""trials.config: TrialConfig's range checks, its choices and its fingerprint fields."""
+"""trials.config: TrialConfig's range checks, its composition from each concern's options and its fingerprint fields."""
 
 import dataclasses
 import subprocess
 import sys
-import typing
 
 import pytest
 
-from trials import losses
 from trials.config import CLOSED_FORM_IGNORED, TrialConfig
+from trials.loss_options import LOSS_DEFAULTS, LossOptions
+from trials.train_options import TRAIN_DEFAULTS, TrainConfig
 
 
 @pytest.mark.parametrize("field, value", [
@@ -41,13 +41,17 @@ def test_head_options_are_checked_against_the_head():
         TrialConfig(head="csa", head_options={"seed": 3})
 
 
-def test_the_literal_choices_are_the_losses_choices():
-    hints = typing.get_type_hints(TrialConfig)
-    for field, allowed in (("structure_weighting", losses.WEIGHTINGS),
-                           ("structure_centering", losses.CENTERINGS),
-                           ("structure_distance", losses.DISTANCES),
-                           ("structure_divergence", losses.DIVERGENCES)):
-        assert typing.get_args(hints[field]) == allowed
+def test_the_parts_carry_the_trial_fields_and_the_owners_defaults():
+    config = TrialConfig(temperature=0.1, structure_levels=3, epochs=7, lr=1e-3, seed=5)
+    assert config.loss_options() == dataclasses.replace(LOSS_DEFAULTS, temperature=0.1, structure_levels=3)
+    assert config.train_config("cpu") == dataclasses.replace(TRAIN_DEFAULTS, epochs=7, lr=1e-3, seed=5)
+    assert TrialConfig().loss_options() == LOSS_DEFAULTS and TrialConfig().train_config("cpu") == TRAIN_DEFAULTS
+
+
+def test_closed_form_heads_ignore_every_loss_and_optimiser_field_but_not_the_seed():
+    owned = {f.name for f in dataclasses.fields(LossOptions)} | {f.name for f in dataclasses.fields(TrainConfig)}
+    trial_fields = [f.name for f in dataclasses.fields(TrialConfig)]
+    assert list(CLOSED_FORM_IGNORED) == [n for n in trial_fields if n in owned and n != "seed"]
 
 
 def test_fingerprint_fields_drop_what_csa_ignores():
@@ -62,5 +66,8 @@ def test_fingerprint_fields_drop_what_csa_ignores():
 
 
 def test_importing_and_building_a_config_does_not_load_torch():
-    code = "import sys, trials.config as c; c.TrialConfig(); assert 'torch' not in sys.modules"
+    code = ("import sys, trials.config as c, trials.presets as p\n"
+            "c.TrialConfig(head='csa', head_options={'refine': True}).fingerprint_fields()\n"
+            "c.TrialConfig(head='mlp', head_options={'num_layers': 3}), p.get_preset('default')\n"
+            "assert 'torch' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -9,7 +9,6 @@ from trials.similarity import (
     METRICS,
     cka,
     cknna,
-    compute_score_layers,
     cycle_knn,
     layer_similarity,
     mutual_knn,
@@ -76,21 +75,22 @@ def _layer_major(values, dtype_name):
     return _tensor(values, dtype_name).permute(1, 0, 2)
 
 
-def test_compute_score_layers(compute_score_layers_ref_case):
+def test_all_pairs_with_concatenation_match_compute_score(compute_score_layers_ref_case):
+    """Every (i, j) score of the official ``compute_score``, i or j = −1 the concatenation,
+    which ``include_concat`` puts last so that Python index −1 reads it."""
     case = compute_score_layers_ref_case
     x, y = _layer_major(case["x_feats"], case["dtype"]), _layer_major(case["y_feats"], case["dtype"])
     for run in case["runs"]:
         metric = run["metric"]
-        tol = KNN_TOL if METRICS[metric].uses_k else _cka_tol(case["dtype"])
-        if METRICS[metric].uses_k and run.get("topk_used_for_knn") is not None:
+        tol = KNN_TOL if METRICS.get(metric).uses_k else _cka_tol(case["dtype"])
+        if METRICS.get(metric).uses_k and run.get("topk_used_for_knn") is not None:
             assert topk_from_rule(case["n"], run["topk_param"]) == run["topk_used_for_knn"]
-        best, best_indices, scores = compute_score_layers(x, y, metric, k=run.get("topk_param", 10))
+        scores = layer_similarity(x, y, metric, k=run.get("topk_param", 10), include_concat=True).tolist()
         expected = run["structure_alignment_list"]
-        assert [tuple(s["indices"]) for s in scores] == [tuple(e["indices"]) for e in expected]
-        for got, want in zip(scores, expected):
-            assert got["alignment_score"] == pytest.approx(want["alignment_score"], abs=tol), (metric, want)
-        assert best_indices == tuple(run["structure_best_including_concat"]["indices"])
-        assert best == pytest.approx(run["structure_best_including_concat"]["score"], abs=tol)
+        assert len(expected) == len(scores) * len(scores[0])
+        for want in expected:
+            i, j = want["indices"]
+            assert scores[i][j] == pytest.approx(want["alignment_score"], abs=tol), (metric, want)
 
 
 # --- CKA family (§15.6) -----------------------------------------------------------------------
@@ -143,12 +143,12 @@ def _per_pair(xs, ys, metric, k, normalize, include_concat):
         xs, ys = xs + [torch.cat(xs, 1)], ys + [torch.cat(ys, 1)]
     if normalize:
         xs, ys = [F.normalize(t, dim=-1) for t in xs], [F.normalize(t, dim=-1) for t in ys]
-    pair = METRICS[metric].pair
-    args = (k,) if METRICS[metric].uses_k else ()
+    pair = METRICS.get(metric).pair
+    args = (k,) if METRICS.get(metric).uses_k else ()
     return torch.tensor([[pair(x, y, *args).item() for y in ys] for x in xs], dtype=torch.float64)
 
 
-@pytest.mark.parametrize("metric", sorted(METRICS))
+@pytest.mark.parametrize("metric", METRICS.names())
 @pytest.mark.parametrize("normalize, include_concat", [(True, False), (False, True)])
 def test_all_pairs_equal_per_pair_loop(metric, normalize, include_concat):
     xs, ys = _random_layers(1, 40, [6, 9, 5]), _random_layers(2, 40, [7, 4, 8, 6])
@@ -181,7 +181,7 @@ def test_each_layer_is_processed_once(monkeypatch, metric, counted, calls):
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(metric="svcca"), "allowed values: 'mutual_knn'"),
+        (dict(metric="svcca"), "unknown metric 'svcca'.*registered: cka, cknna, cycle_knn"),
         (dict(k=30), r"allowed values: an integer in \[1, 19\]"),
         (dict(metric="cknna", k=1), r"\[2, 19\]"),
         (dict(k="scott"), "allowed values"),

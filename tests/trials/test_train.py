@@ -9,7 +9,8 @@ import trials.train as train_module
 from trials.evaluate import retrieval_metrics
 from trials.heads import build_head
 from trials.losses import AlignmentLoss
-from trials.train import TrainConfig, find_lr, lr_from_curve, train_alignment
+from trials.train import find_lr, lr_from_curve, train_alignment
+from trials.train_options import TrainConfig
 
 
 def _pairs(n, seed, d_img=24, d_txt=16, latent=6, noise=0.3):

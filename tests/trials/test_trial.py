@@ -6,7 +6,7 @@ import torch
 
 from trials.config import TrialConfig
 from trials.evaluate import zero_shot_weights
-from trials.heads import fit_csa
+from trials.csa import fit_csa
 from trials.trial import RetrievalSet, TrialData, ZeroShotSet, run_trial, subsample
 
 
