@@ -4,11 +4,9 @@ Everything that can be wrong with a spec is caught here, before any Ray work:
 unknown keys, wrong types, unknown encoders, datasets, heads or search
 dimensions. Errors name the file, the key path and the allowed values.
 
-String values may use ``${VAR}`` / ``${VAR:-default}``; they are substituted
-from the environment by :func:`load_spec` before validation. A variable that
-is unset and has no default stays in the value as written, so the spec's
-structure still validates; :func:`check_runnable` rejects it when a sweep
-starts, naming the key and the variable.
+String values may use ``${VAR}`` / ``${VAR:-default}`` (:mod:`orchestrator.env_vars`);
+:func:`check_runnable` rejects a variable still unset when a sweep starts,
+naming the key and the variable.
 """
 
 from __future__ import annotations
@@ -16,8 +14,6 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
-import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
@@ -28,6 +24,7 @@ from orchestrator.config import SpecError, did_you_mean, from_dict
 from orchestrator.durable import atomic_write_bytes
 from orchestrator.schema import SPEC_FILE, choose_headline, default_mode, metric_names
 from orchestrator.encoders import DTYPES as ENCODER_DTYPES
+from orchestrator.env_vars import substitute_env, unresolved_variables
 from trials.config import TrialConfig
 from trials.presets import get_preset, list_presets
 from trials.selection import LayerRule, is_layer_pair, parse_rule
@@ -388,42 +385,6 @@ def _objective(spec: "SweepSpec") -> tuple[str, str]:
 
 
 # --- loading -------------------------------------------------------------------
-
-_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
-
-
-def substitute_env(value: Any, env: dict | None = None) -> Any:
-    """``${VAR}`` / ``${VAR:-default}`` in every string of ``value``, from ``env``.
-
-    An unset variable without a default is left as written (see
-    :func:`check_runnable`).
-    """
-    env = os.environ if env is None else env
-    if isinstance(value, str):
-        def repl(m):
-            name, default = m.group(1), m.group(2)
-            if env.get(name):
-                return env[name]
-            return default if default is not None else m.group(0)
-        return _VAR.sub(repl, value)
-    if isinstance(value, list):
-        return [substitute_env(v, env) for v in value]
-    if isinstance(value, dict):
-        return {k: substitute_env(v, env) for k, v in value.items()}
-    return value
-
-
-def unresolved_variables(value: Any, path: str = "") -> list[tuple[str, str]]:
-    """(key path, variable) of every ``${VAR}`` left unsubstituted."""
-    if isinstance(value, str):
-        return [(path, m.group(1)) for m in _VAR.finditer(value)]
-    if isinstance(value, list):
-        return [u for i, v in enumerate(value) for u in unresolved_variables(v, f"{path}[{i}]")]
-    if isinstance(value, dict):
-        return [u for k, v in value.items()
-                for u in unresolved_variables(v, f"{path}.{k}" if path else str(k))]
-    return []
-
 
 def check_runnable(spec: SweepSpec) -> None:
     """Reject, before any Ray work, a spec whose variables are still unset."""
