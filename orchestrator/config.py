@@ -3,6 +3,10 @@
 A config is a dataclass; :func:`from_dict` builds it from a mapping and rejects
 unknown keys, wrong types and values outside a ``Literal`` with a
 :class:`SpecError` that names the file, the key path and what is allowed.
+
+A field whose spelling is not its type (a spec's ``search:`` grids) names its
+own parser: ``field(metadata={"parse": f, "expects": "..."})``, where
+``f(value, path)`` returns the typed value or raises a :class:`SpecError`.
 """
 
 from __future__ import annotations
@@ -90,11 +94,12 @@ def from_dict(cls: type, data: dict, *, path: str = "") -> Any:
                             f"{', '.join(fields)}", path=_join(path, str(key)))
     kwargs = {}
     for name, f in fields.items():
+        parse = f.metadata.get("parse") or (lambda value, at, tp=hints[name]: _convert(value, tp, at))
         if name in data:
-            kwargs[name] = _convert(data[name], hints[name], _join(path, name))
+            kwargs[name] = parse(data[name], _join(path, name))
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise SpecError(f"missing required key; expected {_describe(hints[name])}",
-                            path=_join(path, name))
+            expects = f.metadata.get("expects") or _describe(hints[name])
+            raise SpecError(f"missing required key; expected {expects}", path=_join(path, name))
     try:
         return cls(**kwargs)
     except SpecError as err:  # __post_init__ checks report paths relative to cls

@@ -12,7 +12,6 @@ naming the key and the variable.
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,9 +24,8 @@ from orchestrator.durable import atomic_write_bytes
 from orchestrator.schema import SPEC_FILE, choose_headline, default_mode, metric_names
 from orchestrator.encoders import DTYPES as ENCODER_DTYPES
 from orchestrator.env_vars import substitute_env, unresolved_variables
+from orchestrator.grids import Grid, check_head, parse_grids
 from trials.config import TrialConfig
-from trials.presets import get_preset, list_presets
-from trials.selection import LayerRule, is_layer_pair, parse_rule
 
 DTYPES = Literal[ENCODER_DTYPES]  # the encoders' list, one place
 
@@ -165,7 +163,8 @@ class SweepSpec:
     name: str
     encoders: EncodersSpec
     data: DataSpec
-    search: Union[list[dict], dict]  # one grid, or a list of grids (their union)
+    search: list[Grid] = field(metadata={  # their union; YAML: one grid or a list
+        "parse": parse_grids, "expects": "a grid (a mapping of dimension -> values) or a list of grids"})
     training: dict = field(default_factory=dict)
     similarity: SimilaritySpec = field(default_factory=SimilaritySpec)
     tune: TuneSpec = field(default_factory=TuneSpec)
@@ -174,14 +173,9 @@ class SweepSpec:
     source: str = ""  # the file it came from (set by load_spec)
 
     def __post_init__(self):
-        _trial_overrides(self.training, "training")
+        from_dict(TrialConfig, self.training, path="training")
         if "head" in self.training:
-            _check_head(self.training["head"], "training.head")
-        if isinstance(self.search, dict):
-            self.search = [self.search]
-        self.search = [_check_grid(g, f"search[{i}]") for i, g in enumerate(self.search)]
-        if not self.search:
-            raise SpecError("needs at least one grid", path="search")
+            check_head(self.training["head"], "training.head")
         _check_num_samples(self)
         self.tune.metric, self.tune.mode = _objective(self)
 
@@ -189,177 +183,29 @@ class SweepSpec:
     def run_dir(self) -> Path:
         return Path(self.output_dir or Path("runs") / self.name).resolve()
 
-
-# --- search grids -------------------------------------------------------------
-
-TRIAL_FIELDS = {f.name for f in dataclasses.fields(TrialConfig)} - {"image_layer", "text_layer"}
-GRID_KEYS = ("name", "layers", "preset", "num_samples")
-SAMPLERS = ("choice", "uniform", "loguniform", "randint")
+    def resolved(self) -> dict:
+        """Every value, defaults filled in, grids in the spec's own spelling."""
+        return {**dataclasses.asdict(self), "search": [g.to_dict() for g in self.search]}
 
 
-@dataclass(frozen=True)
-class Sampled:
-    """A sampled dimension: ``{choice: [..]}``, ``{uniform: [lo, hi]}``,
-    ``{loguniform: [lo, hi]}`` or ``{randint: [lo, hi]}`` (hi exclusive)."""
-
-    kind: str
-    args: tuple
-
-    def sample(self, rng) -> Any:
-        import numpy as np
-
-        if self.kind == "choice":
-            return self.args[rng.integers(len(self.args))]
-        lo, hi = self.args
-        if self.kind == "uniform":
-            return float(rng.uniform(lo, hi))
-        if self.kind == "loguniform":
-            return float(np.exp(rng.uniform(np.log(lo), np.log(hi))))
-        return int(rng.integers(lo, hi))
-
-    def tune_domain(self):
-        from ray import tune
-
-        if self.kind == "choice":
-            return tune.choice(list(self.args))
-        return getattr(tune, self.kind)(*self.args)
-
-    def examples(self) -> list:
-        return list(self.args) if self.kind == "choice" else [self.args[0]]
-
-
-def _is_sampled(value: Any) -> bool:
-    return isinstance(value, dict) and len(value) == 1 and next(iter(value)) in SAMPLERS
-
-
-def _sampled(value: dict, path: str) -> Sampled:
-    kind, args = next(iter(value.items()))
-    if kind == "choice":
-        if not isinstance(args, list) or not args:
-            raise SpecError("choice needs a non-empty list of values", path=path)
-        return Sampled(kind, tuple(args))
-    numeric = isinstance(args, list) and len(args) == 2 and all(
-        isinstance(a, (int, float)) and not isinstance(a, bool) for a in args)
-    if not numeric or not args[0] < args[1]:
-        raise SpecError(f"{kind} needs [low, high] with low < high, got {args!r}", path=path)
-    if kind == "loguniform" and args[0] <= 0:
-        raise SpecError("loguniform needs low > 0", path=path)
-    if kind == "randint" and not all(isinstance(a, int) for a in args):
-        raise SpecError("randint needs integer bounds", path=path)
-    return Sampled(kind, tuple(args))
-
-
-def _trial_overrides(values: dict, path: str) -> TrialConfig:
-    """Validate a mapping of TrialConfig fields (unknown keys, types)."""
-    return from_dict(TrialConfig, values, path=path)
-
-
-def _check_grid(grid: Any, path: str) -> dict:
-    """A grid maps dimension -> value, list of values (every combination runs)
-    or sampled distribution (``num_samples`` draws per combination).
-
-    Normalised form: every grid dimension a list; sampled ones under
-    ``"sample"`` ({dim: Sampled}); ``"num_samples"`` an int or None.
-    """
-    if not isinstance(grid, dict):
-        raise SpecError("a grid must be a mapping of dimension -> values", path=path)
-    for key in grid:
-        if key not in TRIAL_FIELDS and key not in GRID_KEYS:
-            raise SpecError(f"unknown search dimension {key!r}{did_you_mean(key, TRIAL_FIELDS)}; allowed: "
-                            f"{', '.join(GRID_KEYS + tuple(sorted(TRIAL_FIELDS)))}",
-                            path=f"{path}.{key}")
-    num_samples = grid.get("num_samples")
-    if num_samples is not None and (not isinstance(num_samples, int) or num_samples < 1):
-        raise SpecError(f"expected an integer >= 1, got {num_samples!r}", path=f"{path}.num_samples")
-    sample = {k: _sampled(v, f"{path}.{k}") for k, v in grid.items()
-              if _is_sampled(v) and k in TRIAL_FIELDS}
-    out = {k: (v if isinstance(v, list) and k not in ("head_options",)
-               and not (k == "layers" and is_layer_pair(v)) else [v])
-           for k, v in grid.items() if k not in sample and k != "num_samples"}
-    out.setdefault("name", [path.replace("search", "grid")])
-    if len(out["name"]) != 1 or not isinstance(out["name"][0], str):
-        raise SpecError("a grid's name is one string", path=f"{path}.name")
-    if "layers" in out:
-        out["layers"] = [_check_layers(v, f"{path}.layers") for v in out["layers"]]
-    for head in out.get("head", []) + list(sample["head"].args if "head" in sample else []):
-        _check_head(head, f"{path}.head")
-    for preset in out.get("preset", []):
-        if preset not in list_presets():
-            raise SpecError(f"unknown preset {preset!r}{did_you_mean(preset, list_presets())}; "
-                            f"presets: {', '.join(list_presets())}", path=f"{path}.preset")
-    fixed = {k: v for k, v in out.items() if k in TRIAL_FIELDS}
-    for combo in _combinations(fixed):
-        _trial_overrides(combo, path)
-    for key, dim in sample.items():
-        for example in dim.examples():
-            _trial_overrides({key: example}, f"{path}.{key}")
-    out["sample"], out["num_samples"] = sample, num_samples
-    return out
-
-
-def _check_head(name: str, path: str) -> None:
-    from trials.heads import list_heads  # imports torch: only when a spec names a head
-
-    if name not in list_heads():
-        raise SpecError(f"unknown head {name!r}{did_you_mean(name, list_heads())}; "
-                        f"heads: {', '.join(list_heads())}", path=path)
-
+# --- checks across sections -----------------------------------------------------
 
 def _check_num_samples(spec: "SweepSpec") -> None:
     """``num_samples`` only draws sampled dimensions (or Optuna trials); on a
     grid search without them every repeat would be the same trial."""
     if spec.tune.search != "grid":
         return
+    advice = ("num_samples only applies to sampled dimensions ({choice|uniform|loguniform|randint: "
+              "...}) or to tune.search: optuna. Remove it, or repeat with a `seed: [0, 1, ...]` dimension")
     for i, grid in enumerate(spec.search):
-        n = grid.get("num_samples")
-        if n is not None and n > 1 and not grid.get("sample"):
+        n = grid.num_samples
+        if n is not None and n > 1 and not grid.sample:
             raise SpecError(f"num_samples: {n} has no effect on a grid without sampled dimensions "
-                            "(every repeat is the same trial); num_samples only applies to sampled "
-                            "dimensions ({choice|uniform|loguniform|randint: ...}) or to "
-                            "tune.search: optuna. Remove it, or repeat with a `seed: [0, 1, ...]` "
-                            "dimension", path=f"search[{i}].num_samples")
-    if spec.tune.num_samples > 1 and not any(g.get("sample") for g in spec.search):
+                            f"(every repeat is the same trial); {advice}", path=f"search[{i}].num_samples")
+    if spec.tune.num_samples > 1 and not any(g.sample for g in spec.search):
         raise SpecError(f"num_samples: {spec.tune.num_samples} has no effect: no grid has a sampled "
-                        "dimension and tune.search is 'grid'; num_samples only applies to sampled "
-                        "dimensions ({choice|uniform|loguniform|randint: ...}) or to "
-                        "tune.search: optuna. Remove it, or repeat with a `seed: [0, 1, ...]` "
-                        "dimension", path="tune.num_samples")
+                        f"dimension and tune.search is 'grid'; {advice}", path="tune.num_samples")
 
-
-def _check_layers(value: Any, path: str) -> LayerRule:
-    try:
-        return parse_rule(value)
-    except ValueError as err:
-        raise SpecError(str(err), path=path) from None
-
-
-def _combinations(grid: dict) -> list[dict]:
-    keys = list(grid)
-    return [dict(zip(keys, values)) for values in itertools.product(*grid.values())]
-
-
-def expand_grid(grid: dict) -> list[dict]:
-    """Every combination of one grid, presets unfolded into trial values.
-
-    Each combination has ``name``, ``layers`` (a rule, from the grid or the
-    preset, default "similar") and TrialConfig values, in increasing precedence:
-    the preset's, then the grid's own dimensions.
-    """
-    dims = {k: v for k, v in grid.items() if k not in ("sample", "num_samples")}
-    return [_unfold_preset(combo) for combo in _combinations(dims)]
-
-
-def _unfold_preset(combo: dict) -> dict:
-    preset = combo.pop("preset", None)
-    if preset is None:
-        return {"layers": parse_rule("similar"), **combo}
-    p = get_preset(preset)
-    values = {"head": p["head"], "head_options": p["head_options"], "out_dim": p["out_dim"],
-              **p["loss"], **p["train"]}
-    return {"layers": parse_rule(p["layer_rule"]), **values, "preset": preset, **combo}
-
-
-# --- objective --------------------------------------------------------------------
 
 def _objective(spec: "SweepSpec") -> tuple[str, str]:
     """(metric, mode) Optuna optimises; checked against the spec's evaluation sets.
@@ -426,9 +272,8 @@ def load_spec(path: str | Path, overrides: dict | None = None) -> SweepSpec:
 
 def save_spec(spec: SweepSpec, run_dir: Path) -> None:
     """RUN_DIR/spec.json: the resolved spec, plus the raw one that resume reloads."""
-    resolved = dataclasses.asdict(spec)
-    raw = {**getattr(spec, "raw", {}), "output_dir": str(run_dir)}
-    resolved["raw"] = raw
+    resolved = spec.resolved()
+    resolved["raw"] = {**getattr(spec, "raw", {}), "output_dir": str(run_dir)}
     atomic_write_bytes(run_dir / SPEC_FILE, json.dumps(resolved, indent=2, default=str).encode())
 
 

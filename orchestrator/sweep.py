@@ -181,8 +181,8 @@ class _Runner:
         planned = skipped = 0
         spaces = []
         for grid in self.spec.search:
-            name = grid["name"][0]
-            wanted = grid.get("num_samples") or self.spec.tune.num_samples
+            name = grid.name
+            wanted = grid.sample_count(self.spec.tune.num_samples)
             mine = stored[stored["grid"] == name] if not stored.empty else stored
             finished = (mine[mine["status"].isin(finished_statuses(self._asha))]
                         if not mine.empty else mine)
@@ -196,7 +196,7 @@ class _Runner:
             if remaining <= 0:
                 continue
             space = optuna_space(self.spec, grid, similarity)
-            pairs = [tuple(p) for p in space["pairs"]]
+            pairs = [tuple(p) for p in space.pairs]
             refs = _put_layers(self.store, self.features, pairs=pairs)
             searcher = self._optuna_searcher(param_space(space), finished)
             self._tune(refs, {}, remaining, searcher, total=remaining,

@@ -7,7 +7,8 @@ import yaml
 
 from orchestrator.config import SpecError
 from orchestrator.planning import count_trials
-from orchestrator.spec import expand_grid, load_spec
+from orchestrator.grids import Grid
+from orchestrator.spec import load_spec
 from trials.selection import parse_rule
 
 DEMO = Path(__file__).parents[2] / "search_spaces" / "demo.yaml"
@@ -70,25 +71,36 @@ def test_missing_spec_file(tmp_path):
 
 def test_single_grid_mapping_and_scalars_become_lists(tmp_path):
     spec = load_spec(write_spec(tmp_path, lambda d: d.update(search={"layers": [[0, 1]], "seed": 3})))
-    assert spec.search == [{"layers": [parse_rule((0, 1))], "seed": [3], "name": ["grid[0]"], "sample": {}, "num_samples": None}]
+    assert spec.search == [Grid(name="grid[0]", layers=[parse_rule((0, 1))], dims={"seed": [3]})]
+    assert spec.search[0].draw_count(5) == 1  # no sampled dimension: one draw
+
+
+def test_combinations_follow_the_spec_order_of_dimensions():
+    # the combination index seeds the sampled draws: the order is part of trial identity
+    g = Grid.parse({"seed": [0, 1], "layers": ["similar", "last"], "lr": {"uniform": [0.001, 0.01]}},
+                   "search[0]")
+    assert [(c.values["seed"], str(c.layers)) for c in g.combinations()] == [
+        (0, "similar"), (0, "last"), (1, "similar"), (1, "last")]
+    assert g.order == ("seed", "layers") and g.draw_count(3) == 3 and g.sample_count(3) == 3
 
 
 def test_presets_unfold_into_trial_values_and_layer_rules(tmp_path):
     grid = {"preset": ["linear+last", "linear+similar+rs"], "seed": [0, 1]}
     spec = load_spec(write_spec(tmp_path, lambda d: d.update(search=grid)))
-    combos = expand_grid(spec.search[0])
+    combos = spec.search[0].combinations()
     assert len(combos) == 4
-    last = next(c for c in combos if c["preset"] == "linear+last")
-    rs = next(c for c in combos if c["preset"] == "linear+similar+rs")
-    assert str(last["layers"]) == "last" and last["structure_lambda"] == 0
-    assert str(rs["layers"]) == "similar" and rs["structure_lambda"] == 10 and rs["out_dim"] == 512
+    last = next(c for c in combos if c.preset == "linear+last")
+    rs = next(c for c in combos if c.preset == "linear+similar+rs")
+    assert str(last.layers) == "last" and last.values["structure_lambda"] == 0
+    assert str(rs.layers) == "similar" and rs.values["structure_lambda"] == 10 and rs.values["out_dim"] == 512
+    assert [str(r) for r in spec.search[0].layer_rules()] == ["last", "similar"]
 
 
 def test_grid_dimensions_override_the_preset(tmp_path):
     grid = {"preset": "linear+similar+rs", "structure_lambda": [1.0], "layers": "last"}
     spec = load_spec(write_spec(tmp_path, lambda d: d.update(search=grid)))
-    (combo,) = expand_grid(spec.search[0])
-    assert combo["structure_lambda"] == 1.0 and str(combo["layers"]) == "last"
+    (combo,) = spec.search[0].combinations()
+    assert combo.values["structure_lambda"] == 1.0 and str(combo.layers) == "last"
 
 
 def test_unknown_preset_is_named(tmp_path):
@@ -107,7 +119,7 @@ def test_sampled_dimensions_and_num_samples_plan_seeded_draws(tmp_path):
             "seed": [0, 1], "num_samples": 3}
     spec = load_spec(write_spec(tmp_path, lambda d: d.update(search=grid)))
     g = spec.search[0]
-    assert set(g["sample"]) == {"lr", "structure_lambda"} and g["num_samples"] == 3
+    assert set(g.sample) == {"lr", "structure_lambda"} and g.num_samples == 3
     assert count_trials(spec, (6, 6)) == (2 * 3, True)
     draws = _draws(spec, g, 0)
     assert len(draws) == 3 and all(1e-4 <= d["lr"] <= 1e-2 for d in draws)
@@ -118,6 +130,7 @@ def test_sampled_dimensions_and_num_samples_plan_seeded_draws(tmp_path):
 
 @pytest.mark.parametrize("dim, words", [
     ({"loguniform": [0, 1]}, "low > 0"),
+    ({"randint": [1.5, 3]}, "integer bounds"),
     ({"uniform": [2, 1]}, "low < high"),
     ({"choice": []}, "non-empty"),
 ])
@@ -155,6 +168,18 @@ def test_run_spec_roundtrip_for_resume(tmp_path):
     assert again.search == spec.search and again.run_dir == spec.run_dir and again.tune == spec.tune
 
 
+@pytest.mark.parametrize("name", sorted(p.name for p in DEMO.parent.glob("*.yaml")) + ["sampled"])
+def test_resolved_grids_are_written_in_the_spec_spelling(tmp_path, name):
+    if name == "sampled":
+        grid = {"n_train": [10, 20], "layers": [[0, 1], "top2"], "lr": {"loguniform": [1e-4, 1e-2]},
+                "head_options": {"bias": False}, "name": "s", "num_samples": 2}
+        spec = load_spec(write_spec(tmp_path, lambda d: d.update(search=grid)))
+    else:
+        spec = load_spec(DEMO.parent / name)
+    written = spec.resolved()["search"]
+    assert [Grid.parse(g, f"search[{i}]") for i, g in enumerate(written)] == spec.search
+
+
 def test_tune_options_are_checked(tmp_path):
     with pytest.raises(SpecError, match="tune.metric"):
         load_spec(write_spec(tmp_path, lambda d: d.update(tune={"search": "optuna", "metric": "zs/nope/top1"})))
@@ -171,12 +196,12 @@ def test_shipped_specs_validate_without_their_variables(name):
 
 def test_two_ints_are_one_explicit_layer_pair(tmp_path):
     spec = load_spec(write_spec(tmp_path, lambda d: d.update(search={"layers": [3, 4]})))
-    assert spec.search[0]["layers"] == [parse_rule((3, 4))]
+    assert spec.search[0].layers == [parse_rule((3, 4))]
     assert count_trials(spec, (6, 6)) == (1, True)
     nested = load_spec(write_spec(tmp_path, lambda d: d.update(search={"layers": [[3, 4]]})))
-    assert nested.search[0]["layers"] == [parse_rule((3, 4))]
+    assert nested.search[0].layers == [parse_rule((3, 4))]
     rules = load_spec(write_spec(tmp_path, lambda d: d.update(search={"layers": ["best", "last"]})))
-    assert [str(r) for r in rules.search[0]["layers"]] == ["similar", "last"]  # old spelling reads
+    assert [str(r) for r in rules.search[0].layers] == ["similar", "last"]  # old spelling reads
 
 
 def test_tune_mode_defaults_by_metric_and_metric_names_are_checked(tmp_path):
