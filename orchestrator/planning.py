@@ -53,10 +53,10 @@ def _draws(spec: SweepSpec, grid: Grid, combo_index: int) -> list[dict]:
     """The sampled values of one grid combination: seeded, so a re-run draws the same."""
     if not grid.sample:
         return [{}]
-    key = f"{spec.tune.seed}/{grid.name}/{combo_index}".encode()
+    key = f"{spec.tune.search_config.seed}/{grid.name}/{combo_index}".encode()
     rng = np.random.default_rng(int.from_bytes(hashlib.sha256(key).digest()[:8], "little"))
     return [{k: dim.sample(rng) for k, dim in sorted(grid.sample.items())}
-            for _ in range(grid.draw_count(spec.tune.num_samples))]
+            for _ in range(grid.draw_count(spec.tune.search_config.num_samples))]
 
 
 def plan_trials(spec: SweepSpec, features: FeatureSet, similarity: np.ndarray) -> list[PlannedTrial]:
@@ -132,12 +132,12 @@ def count_trials(spec: SweepSpec, num_layers: tuple[int, int] | None) -> tuple[i
     Layer counts are needed for 'all' and 'lastK'; 'binsN' counts as its upper
     bound (N + 1 pairs); an Optuna grid counts its num_samples.
     """
-    total, exact = 0, True
+    total, exact, tune = 0, True, spec.tune.search_config
     for grid in spec.search:
-        if spec.tune.search == "optuna":
-            total += grid.sample_count(spec.tune.num_samples)
+        if tune.search == "optuna":
+            total += grid.sample_count(tune.num_samples)
             continue
-        draws = grid.draw_count(spec.tune.num_samples)
+        draws = grid.draw_count(tune.num_samples)
         for combo in grid.combinations():
             n, rule_exact = combo.layers.count(num_layers)
             total, exact = total + n * draws, exact and rule_exact

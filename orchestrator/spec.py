@@ -21,6 +21,7 @@ import yaml
 
 from orchestrator.config import SpecError, did_you_mean, from_dict
 from orchestrator.durable import atomic_write_bytes
+from orchestrator.tune_settings import TuneSpec
 from orchestrator.schema import SPEC_FILE, choose_headline, default_mode, metric_names
 from orchestrator.encoders import DTYPES as ENCODER_DTYPES
 from orchestrator.env_vars import substitute_env, unresolved_variables
@@ -71,8 +72,8 @@ class DatasetRef:
         from orchestrator.datasets import dataset_names
 
         if self.dataset not in dataset_names():
-            raise SpecError(f"unknown dataset {self.dataset!r}{did_you_mean(self.dataset, dataset_names())}; registered: "
-                            f"{', '.join(dataset_names())}", path="dataset")
+            raise SpecError(f"unknown dataset {self.dataset!r}{did_you_mean(self.dataset, dataset_names())}; "
+                            f"registered: {', '.join(dataset_names())}", path="dataset")
         self.name = self.name or self.dataset
 
 
@@ -110,55 +111,6 @@ class SimilaritySpec:
 
 
 @dataclass
-class AshaSpec:
-    """ASHA early stopping on the per-epoch validation loss (``tune.scheduler: asha``)."""
-
-    grace_period: int = 5  # epochs every trial runs before it may be stopped
-    reduction_factor: float = 3.0
-    max_t: Optional[int] = None  # default: the trials' ``epochs``
-
-
-@dataclass
-class TuneSpec:
-    """How Ray Tune schedules the trials."""
-
-    search: Literal["grid", "optuna"] = "grid"
-    scheduler: Literal["fifo", "asha"] = "fifo"
-    metric: Optional[str] = None  # Optuna's objective; default: the headline metric
-    mode: Optional[Literal["max", "min"]] = None  # default: "min" for a *loss* metric, else "max"
-    num_samples: int = 1  # per grid combination (grid) or per grid (optuna)
-    seed: int = 0  # of sampled dimensions and of Optuna's sampler
-    asha: AshaSpec = field(default_factory=AshaSpec)
-    max_concurrent_trials: int = 0  # 0: one per CPU of the cluster
-    cpus_per_trial: float = 1.0
-    gpus_per_trial: float = 0.0  # fractions share a GPU between trials
-    max_failures: int = 1  # retries of a failed trial before it is recorded as failed
-    device: str = "auto"  # where a trial trains its heads; auto: cuda if gpus_per_trial > 0
-    trials_per_task: int = 1  # >1: cheap trials of one layer pair run in one Tune trial
-    flush_seconds: float = 1.0  # results are written at least this often
-    # Features one wave of trials may hold in Ray's object store (GB); past it
-    # the grid runs in waves of image layers. null: half the object store.
-    feature_memory_gb: Optional[float] = None
-
-    def __post_init__(self):
-        for name in ("num_samples", "trials_per_task"):
-            if getattr(self, name) < 1:
-                raise SpecError(f"must be >= 1, got {getattr(self, name)}", path=name)
-        if self.max_failures < 0:
-            raise SpecError("must be >= 0", path="max_failures")
-        if self.cpus_per_trial <= 0 or self.gpus_per_trial < 0:
-            raise SpecError("cpus_per_trial must be > 0 and gpus_per_trial >= 0", path="cpus_per_trial")
-        if self.scheduler == "asha" and self.trials_per_task > 1:
-            raise SpecError("ASHA stops single trials; use trials_per_task: 1", path="trials_per_task")
-
-    @property
-    def trial_device(self) -> str:
-        if self.device != "auto":
-            return self.device
-        return "cuda" if self.gpus_per_trial > 0 else "cpu"
-
-
-@dataclass
 class SweepSpec:
     name: str
     encoders: EncodersSpec
@@ -167,7 +119,7 @@ class SweepSpec:
         "parse": parse_grids, "expects": "a grid (a mapping of dimension -> values) or a list of grids"})
     training: dict = field(default_factory=dict)
     similarity: SimilaritySpec = field(default_factory=SimilaritySpec)
-    tune: TuneSpec = field(default_factory=TuneSpec)
+    tune: TuneSpec = field(default_factory=TuneSpec, metadata={"parse": TuneSpec.parse})
     output_dir: Optional[str] = None  # default: runs/<name>
     cache_dir: Optional[str] = None  # default: $STRUCTURE_SWEEP_CACHE or ~/.cache/structure-sweep
     source: str = ""  # the file it came from (set by load_spec)
@@ -177,7 +129,8 @@ class SweepSpec:
         if "head" in self.training:
             check_head(self.training["head"], "training.head")
         _check_num_samples(self)
-        self.tune.metric, self.tune.mode = _objective(self)
+        search = self.tune.search_config
+        search.metric, search.mode = _objective(self)
 
     @property
     def run_dir(self) -> Path:
@@ -185,7 +138,8 @@ class SweepSpec:
 
     def resolved(self) -> dict:
         """Every value, defaults filled in, grids in the spec's own spelling."""
-        return {**dataclasses.asdict(self), "search": [g.to_dict() for g in self.search]}
+        return {**dataclasses.asdict(self), "search": [g.to_dict() for g in self.search],
+                "tune": self.tune.to_dict()}
 
 
 # --- checks across sections -----------------------------------------------------
@@ -193,7 +147,8 @@ class SweepSpec:
 def _check_num_samples(spec: "SweepSpec") -> None:
     """``num_samples`` only draws sampled dimensions (or Optuna trials); on a
     grid search without them every repeat would be the same trial."""
-    if spec.tune.search != "grid":
+    tune = spec.tune.search_config
+    if tune.search != "grid":
         return
     advice = ("num_samples only applies to sampled dimensions ({choice|uniform|loguniform|randint: "
               "...}) or to tune.search: optuna. Remove it, or repeat with a `seed: [0, 1, ...]` dimension")
@@ -202,8 +157,8 @@ def _check_num_samples(spec: "SweepSpec") -> None:
         if n is not None and n > 1 and not grid.sample:
             raise SpecError(f"num_samples: {n} has no effect on a grid without sampled dimensions "
                             f"(every repeat is the same trial); {advice}", path=f"search[{i}].num_samples")
-    if spec.tune.num_samples > 1 and not any(g.sample for g in spec.search):
-        raise SpecError(f"num_samples: {spec.tune.num_samples} has no effect: no grid has a sampled "
+    if tune.num_samples > 1 and not any(g.sample for g in spec.search):
+        raise SpecError(f"num_samples: {tune.num_samples} has no effect: no grid has a sampled "
                         f"dimension and tune.search is 'grid'; {advice}", path="tune.num_samples")
 
 
@@ -217,7 +172,7 @@ def _objective(spec: "SweepSpec") -> tuple[str, str]:
     zs = [r.name for r in spec.data.zero_shot]
     ret = [r.name for r in spec.data.retrieval]
     valid = metric_names(zs, ret)
-    metric, mode = spec.tune.metric, spec.tune.mode
+    metric, mode = spec.tune.search_config.metric, spec.tune.search_config.mode
     if metric is None:
         metric = choose_headline(valid) or "best_val_loss"
     elif metric not in valid:

@@ -9,6 +9,7 @@ from orchestrator.config import SpecError
 from orchestrator.planning import count_trials
 from orchestrator.grids import Grid
 from orchestrator.spec import load_spec
+from orchestrator.tune_settings import TuneSpec
 from trials.selection import parse_rule
 
 DEMO = Path(__file__).parents[2] / "search_spaces" / "demo.yaml"
@@ -26,7 +27,7 @@ def test_demo_spec_loads_with_defaults():
     spec = load_spec(DEMO)
     assert spec.encoders.image.name == "synthetic:image"
     assert spec.similarity.metric == "mutual_knn" and spec.similarity.k == 10
-    assert spec.tune.max_failures == 1  # a default the spec left out
+    assert spec.tune.run_config.max_failures == 1  # a default the spec left out
     assert spec.run_dir == (Path("runs") / "demo").resolve()
     assert count_trials(spec, (6, 6)) == (36 + 2 * 2 * 4 * 2, True)
 
@@ -184,8 +185,26 @@ def test_tune_options_are_checked(tmp_path):
     with pytest.raises(SpecError, match="tune.metric"):
         load_spec(write_spec(tmp_path, lambda d: d.update(tune={"search": "optuna", "metric": "zs/nope/top1"})))
     spec = load_spec(write_spec(tmp_path, lambda d: d.update(tune={"search": "optuna", "scheduler": "asha"})))
-    assert spec.tune.metric == "zs/synthetic-classes/top1" and spec.tune.mode == "max"
-    assert load_spec(write_spec(tmp_path, lambda d: d.update(tune={"gpus_per_trial": 0.25}))).tune.trial_device == "cuda"
+    assert spec.tune.search_config.metric == "zs/synthetic-classes/top1"
+    assert spec.tune.search_config.mode == "max"
+    gpu = load_spec(write_spec(tmp_path, lambda d: d.update(tune={"gpus_per_trial": 0.25})))
+    assert gpu.tune.run_config.trial_device == "cuda"
+
+
+def test_the_flat_tune_block_splits_into_search_and_run_settings(tmp_path):
+    block = {"search": "optuna", "scheduler": "asha", "num_samples": 3, "seed": 2,
+             "asha": {"grace_period": 2}, "cpus_per_trial": 0.5, "max_failures": 0,
+             "flush_seconds": 2.0, "feature_memory_gb": 1.5}
+    tune = load_spec(write_spec(tmp_path, lambda d: d.update(tune=block))).tune
+    assert (tune.search_config.search, tune.search_config.asha.grace_period) == ("optuna", 2)
+    assert (tune.run_config.cpus_per_trial, tune.run_config.feature_memory_gb) == (0.5, 1.5)
+    assert tune.to_dict()["num_samples"] == 3 and "search_config" not in tune.to_dict()
+    assert TuneSpec.parse(tune.to_dict(), "tune") == tune  # spec.json writes it flat, as a spec does
+    with pytest.raises(SpecError, match=r"tune.max_concurent_trials: unknown key .*did you mean "
+                                        r"'max_concurrent_trials'.*allowed keys: search, "):
+        TuneSpec.parse({"max_concurent_trials": 2}, "tune")
+    with pytest.raises(SpecError, match=r"^tune.trials_per_task: ASHA stops single trials"):
+        TuneSpec.parse({"scheduler": "asha", "trials_per_task": 2}, "tune")
 
 
 @pytest.mark.parametrize("name", sorted(p.name for p in DEMO.parent.glob("*.yaml")))
@@ -206,7 +225,7 @@ def test_two_ints_are_one_explicit_layer_pair(tmp_path):
 
 def test_tune_mode_defaults_by_metric_and_metric_names_are_checked(tmp_path):
     def tune(**t):
-        return load_spec(write_spec(tmp_path, lambda d: d.update(tune={"search": "optuna", **t}))).tune
+        return load_spec(write_spec(tmp_path, lambda d: d.update(tune={"search": "optuna", **t}))).tune.search_config
 
     assert tune(metric="best_val_loss").mode == "min"
     assert tune(metric="zs/synthetic-classes/top5").mode == "max"
@@ -225,11 +244,11 @@ def test_default_objective_is_the_headline_metric(tmp_path):
 
     def two_sets(d):
         d["data"]["zero_shot"] = [{"dataset": "synthetic", "split": "test", "name": n} for n in ("zz", "aa")]
-    assert load_spec(write_spec(tmp_path, two_sets)).tune.metric == "zs/aa/top1"  # not spec order
+    assert load_spec(write_spec(tmp_path, two_sets)).tune.search_config.metric == "zs/aa/top1"  # not spec order
 
     def retrieval_only(d):
         d["data"]["zero_shot"] = []
-    metric = load_spec(write_spec(tmp_path, retrieval_only)).tune.metric
+    metric = load_spec(write_spec(tmp_path, retrieval_only)).tune.search_config.metric
     columns = ["ret/synthetic-captions/standard/I2T/R@1", "ret/synthetic-captions/official/I2T/R@1"]
     assert metric == headline_metric(pd.DataFrame({c: [0.5] for c in columns}))
     assert metric == choose_headline(columns) == "ret/synthetic-captions/official/I2T/R@1"
@@ -249,7 +268,7 @@ def test_num_samples_without_sampled_dimensions_is_rejected(tmp_path):
     with pytest.raises(SpecError, match=r"tune.num_samples: .*sampled"):
         load_spec(write_spec(tmp_path, lambda d: d.update(tune={"num_samples": 2})))
     optuna = load_spec(write_spec(tmp_path, lambda d: d.update(tune={"search": "optuna", "num_samples": 4})))
-    assert optuna.tune.num_samples == 4
+    assert optuna.tune.search_config.num_samples == 4
 
 
 @pytest.mark.parametrize("key, value", [("n_train", 0), ("temperature", 0.0),
