@@ -16,7 +16,7 @@ import types
 import typing
 from typing import Any, Literal, Union, get_args, get_origin
 
-from trials.registry import did_you_mean  # noqa: F401 (re-exported for spec errors)
+from trials.registry import did_you_mean
 
 
 class SpecError(ValueError):

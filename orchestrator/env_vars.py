@@ -15,21 +15,23 @@ from typing import Any
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
-def substitute_env(value: Any, env: dict | None = None) -> Any:
-    """``${VAR}`` / ``${VAR:-default}`` in every string of ``value``, from ``env``."""
-    env = os.environ if env is None else env
+def substitute_env(value: Any) -> Any:
+    """``${VAR}`` / ``${VAR:-default}`` in every string of ``value``; an empty
+    variable counts as unset."""
     if isinstance(value, str):
-        def repl(m):
-            name, default = m.group(1), m.group(2)
-            if env.get(name):
-                return env[name]
-            return default if default is not None else m.group(0)
-        return _VAR.sub(repl, value)
+        return _VAR.sub(_lookup, value)
     if isinstance(value, list):
-        return [substitute_env(v, env) for v in value]
+        return [substitute_env(v) for v in value]
     if isinstance(value, dict):
-        return {k: substitute_env(v, env) for k, v in value.items()}
+        return {k: substitute_env(v) for k, v in value.items()}
     return value
+
+
+def _lookup(match: re.Match) -> str:
+    name, default = match.group(1), match.group(2)
+    if os.environ.get(name):
+        return os.environ[name]
+    return default if default is not None else match.group(0)
 
 
 def unresolved_variables(value: Any, path: str = "") -> list[tuple[str, str]]:

@@ -19,7 +19,7 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
-from orchestrator.config import SpecError, did_you_mean, from_dict
+from orchestrator.config import SpecError, from_dict
 from orchestrator.durable import atomic_write_bytes
 from orchestrator.tune_settings import TuneSpec
 from orchestrator.schema import SPEC_FILE, choose_headline, default_mode, metric_names
@@ -27,6 +27,7 @@ from orchestrator.encoders import DTYPES as ENCODER_DTYPES
 from orchestrator.env_vars import substitute_env, unresolved_variables
 from orchestrator.grids import Grid, check_head, parse_grids
 from trials.config import TrialConfig
+from trials.registry import did_you_mean
 
 DTYPES = Literal[ENCODER_DTYPES]  # the encoders' list, one place
 
@@ -123,6 +124,9 @@ class SweepSpec:
     output_dir: Optional[str] = None  # default: runs/<name>
     cache_dir: Optional[str] = None  # default: $STRUCTURE_SWEEP_CACHE or ~/.cache/structure-sweep
     source: str = ""  # the file it came from (set by load_spec)
+    # The mapping it was validated from (variables substituted): what resume
+    # re-validates and check_runnable scans; set by the loader, not a spec key.
+    raw: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self):
         from_dict(TrialConfig, self.training, path="training")
@@ -189,7 +193,7 @@ def _objective(spec: "SweepSpec") -> tuple[str, str]:
 
 def check_runnable(spec: SweepSpec) -> None:
     """Reject, before any Ray work, a spec whose variables are still unset."""
-    missing = unresolved_variables(getattr(spec, "raw", {}) or {})
+    missing = unresolved_variables(spec.raw)
     if missing:
         where = "; ".join(f"{p} uses ${{{v}}}" for p, v in missing)
         names = " ".join(sorted({f"{v}=..." for _, v in missing}))
@@ -205,8 +209,7 @@ def _validate(data: Any, source: str) -> SweepSpec:
         spec = from_dict(SweepSpec, data)
     except SpecError as err:
         raise SpecError(err.reason, path=err.path, source=source) from None
-    spec.source = source
-    spec.raw = data  # what resume re-validates (variables already substituted)
+    spec.source, spec.raw = source, data
     return spec
 
 
@@ -227,8 +230,7 @@ def load_spec(path: str | Path, overrides: dict | None = None) -> SweepSpec:
 
 def save_spec(spec: SweepSpec, run_dir: Path) -> None:
     """RUN_DIR/spec.json: the resolved spec, plus the raw one that resume reloads."""
-    resolved = spec.resolved()
-    resolved["raw"] = {**getattr(spec, "raw", {}), "output_dir": str(run_dir)}
+    resolved = {**spec.resolved(), "raw": {**spec.raw, "output_dir": str(run_dir)}}
     atomic_write_bytes(run_dir / SPEC_FILE, json.dumps(resolved, indent=2, default=str).encode())
 
 
@@ -240,11 +242,8 @@ def load_run_spec(run_dir: str | Path) -> SweepSpec:
         raise FileNotFoundError(f"{run_dir} has no {SPEC_FILE}: is it a run directory written "
                                 "by `structure-sweep run`?")
     saved = json.loads(file.read_text())
-    if "raw" not in saved:
-        if saved.get("source") and Path(saved["source"]).is_file():
-            return load_spec(saved["source"], {"output_dir": str(run_dir)})
-        raise SpecError(f"{file} predates resumable runs and its source spec is gone; "
-                        "run the spec again with --out", source=str(file))
+    if not isinstance(saved.get("raw"), dict):
+        raise SpecError("no 'raw' spec to resume from; run the spec again with --out", source=str(file))
     spec = _validate({**saved["raw"], "output_dir": str(run_dir.resolve())}, str(file))
     spec.source = saved.get("source") or str(file)
     return spec

@@ -167,6 +167,11 @@ def test_run_spec_roundtrip_for_resume(tmp_path):
     save_spec(spec, tmp_path / "r")
     again = load_run_spec(tmp_path / "r")
     assert again.search == spec.search and again.run_dir == spec.run_dir and again.tune == spec.tune
+    (tmp_path / "r" / "spec.json").write_text('{"name": "old"}')
+    with pytest.raises(SpecError, match="spec.json: no 'raw' spec to resume from"):
+        load_run_spec(tmp_path / "r")
+    with pytest.raises(SpecError, match=r":raw: unknown key 'raw'"):  # set by the loader, not a key
+        load_spec(write_spec(tmp_path, lambda d: d.update(raw={})))
 
 
 @pytest.mark.parametrize("name", sorted(p.name for p in DEMO.parent.glob("*.yaml")) + ["sampled"])
