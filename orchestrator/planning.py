@@ -22,8 +22,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from orchestrator.config import from_dict
-from orchestrator.keys import content_key
 from orchestrator.grids import Grid, Sampled, unfold
+from orchestrator.keys import content_key
 from orchestrator.spec import SweepSpec
 from trials.config import TRIAL_CODE_VERSION, TrialConfig
 

@@ -3,6 +3,9 @@
 Everything that can be wrong with a spec is caught here, before any Ray work:
 unknown keys, wrong types, unknown encoders, datasets, heads or search
 dimensions. Errors name the file, the key path and the allowed values.
+The ``search:`` grids are typed in :mod:`orchestrator.grids`, the ``tune:``
+block in :mod:`orchestrator.tune_settings`; this module holds the rest, the
+checks across sections, and loading/saving (``RUN_DIR/spec.json``).
 
 String values may use ``${VAR}`` / ``${VAR:-default}`` (:mod:`orchestrator.env_vars`);
 :func:`check_runnable` rejects a variable still unset when a sweep starts,
@@ -21,11 +24,11 @@ import yaml
 
 from orchestrator.config import SpecError, from_dict
 from orchestrator.durable import atomic_write_bytes
-from orchestrator.tune_settings import TuneSpec
-from orchestrator.schema import SPEC_FILE, choose_headline, default_mode, metric_names
 from orchestrator.encoders import DTYPES as ENCODER_DTYPES
 from orchestrator.env_vars import substitute_env, unresolved_variables
 from orchestrator.grids import Grid, check_head, parse_grids
+from orchestrator.schema import SPEC_FILE, choose_headline, default_mode, metric_names
+from orchestrator.tune_settings import TuneSpec
 from trials.config import TrialConfig
 from trials.registry import did_you_mean
 
@@ -113,6 +116,8 @@ class SimilaritySpec:
 
 @dataclass
 class SweepSpec:
+    """A whole sweep; build it with :func:`load_spec` (or :func:`load_run_spec`)."""
+
     name: str
     encoders: EncodersSpec
     data: DataSpec
