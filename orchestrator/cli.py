@@ -10,8 +10,9 @@ from orchestrator.config import SpecError
 
 
 def _validate(args) -> int:
+    from orchestrator.env_vars import unresolved_variables
     from orchestrator.planning import count_trials
-    from orchestrator.spec import load_spec, unresolved_variables
+    from orchestrator.spec import load_spec
 
     spec = load_spec(args.spec)
     layers = _known_layer_counts(spec)

@@ -3,6 +3,10 @@
 A config is a dataclass; :func:`from_dict` builds it from a mapping and rejects
 unknown keys, wrong types and values outside a ``Literal`` with a
 :class:`SpecError` that names the file, the key path and what is allowed.
+
+A field whose spelling is not its type (a spec's ``search:`` grids) names its
+own parser: ``field(metadata={"parse": f, "expects": "..."})``, where
+``f(value, path)`` returns the typed value or raises a :class:`SpecError`.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ import types
 import typing
 from typing import Any, Literal, Union, get_args, get_origin
 
-from trials.registry import did_you_mean  # noqa: F401 (re-exported for spec errors)
+from trials.registry import did_you_mean
 
 
 class SpecError(ValueError):
@@ -82,26 +86,50 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
 
 def from_dict(cls: type, data: dict, *, path: str = "") -> Any:
     """Build dataclass ``cls`` from ``data``, strictly (see module docstring)."""
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     hints = typing.get_type_hints(cls)
-    for key in data:
-        if key not in fields:
-            raise SpecError(f"unknown key {key!r}{did_you_mean(key, fields)}; allowed keys: "
-                            f"{', '.join(fields)}", path=_join(path, str(key)))
+    _check_known(data, fields, path)
     kwargs = {}
     for name, f in fields.items():
+        parse = f.metadata.get("parse") or (lambda value, at, tp=hints[name]: _convert(value, tp, at))
         if name in data:
-            kwargs[name] = _convert(data[name], hints[name], _join(path, name))
+            kwargs[name] = parse(data[name], _join(path, name))
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise SpecError(f"missing required key; expected {_describe(hints[name])}",
-                            path=_join(path, name))
+            expects = f.metadata.get("expects") or _describe(hints[name])
+            raise SpecError(f"missing required key; expected {expects}", path=_join(path, name))
+    return _build(cls, kwargs, path, fields)
+
+
+def from_flat(cls: type, data: Any, *, path: str = "") -> Any:
+    """Build ``cls``, whose fields are part configs, from ONE flat mapping: each
+    key goes to the part that declares it, so a YAML block stays flat while the
+    code splits it by concern."""
+    parts = typing.get_type_hints(cls)
+    parts = {f.name: parts[f.name] for f in dataclasses.fields(cls)}
+    owner = {f.name: name for name, part in parts.items() for f in dataclasses.fields(part)}
+    if not isinstance(data, dict):
+        raise SpecError(f"expected a mapping with keys {', '.join(owner)}, got {data!r}", path=path)
+    _check_known(data, owner, path)
+    kwargs = {name: from_dict(part, {k: v for k, v in data.items() if owner[k] == name}, path=path)
+              for name, part in parts.items()}
+    return _build(cls, kwargs, path, owner)
+
+
+def _check_known(data: dict, allowed, path: str) -> None:
+    for key in data:
+        if key not in allowed:
+            raise SpecError(f"unknown key {key!r}{did_you_mean(key, allowed)}; allowed keys: "
+                            f"{', '.join(allowed)}", path=_join(path, str(key)))
+
+
+def _build(cls: type, kwargs: dict, path: str, keys) -> Any:
     try:
         return cls(**kwargs)
     except SpecError as err:  # __post_init__ checks report paths relative to cls
         raise SpecError(err.reason, path=_join(path, err.path)) from None
     except ValueError as err:  # a config's own range check: "<field>=<value> is not ..."
         field = str(err).split("=", 1)[0]
-        raise SpecError(str(err), path=_join(path, field if field in fields else "")) from None
+        raise SpecError(str(err), path=_join(path, field if field in keys else "")) from None
 
 
 def _join(path: str, key: str) -> str:

@@ -3,34 +3,34 @@
 Everything that can be wrong with a spec is caught here, before any Ray work:
 unknown keys, wrong types, unknown encoders, datasets, heads or search
 dimensions. Errors name the file, the key path and the allowed values.
+The ``search:`` grids are typed in :mod:`orchestrator.grids`, the ``tune:``
+block in :mod:`orchestrator.tune_settings`; this module holds the rest, the
+checks across sections, and loading/saving (``RUN_DIR/spec.json``).
 
-String values may use ``${VAR}`` / ``${VAR:-default}``; they are substituted
-from the environment by :func:`load_spec` before validation. A variable that
-is unset and has no default stays in the value as written, so the spec's
-structure still validates; :func:`check_runnable` rejects it when a sweep
-starts, naming the key and the variable.
+String values may use ``${VAR}`` / ``${VAR:-default}`` (:mod:`orchestrator.env_vars`);
+:func:`check_runnable` rejects a variable still unset when a sweep starts,
+naming the key and the variable.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import json
-import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import yaml
 
-from orchestrator.config import SpecError, did_you_mean, from_dict
+from orchestrator.config import SpecError, from_dict
 from orchestrator.durable import atomic_write_bytes
-from orchestrator.schema import SPEC_FILE, choose_headline, default_mode, metric_names
 from orchestrator.encoders import DTYPES as ENCODER_DTYPES
+from orchestrator.env_vars import substitute_env, unresolved_variables
+from orchestrator.grids import Grid, check_head, parse_grids
+from orchestrator.schema import SPEC_FILE, choose_headline, default_mode, metric_names
+from orchestrator.tune_settings import TuneSpec
 from trials.config import TrialConfig
-from trials.presets import get_preset, list_presets
-from trials.selection import LayerRule, is_layer_pair, parse_rule
+from trials.registry import did_you_mean
 
 DTYPES = Literal[ENCODER_DTYPES]  # the encoders' list, one place
 
@@ -76,8 +76,8 @@ class DatasetRef:
         from orchestrator.datasets import dataset_names
 
         if self.dataset not in dataset_names():
-            raise SpecError(f"unknown dataset {self.dataset!r}{did_you_mean(self.dataset, dataset_names())}; registered: "
-                            f"{', '.join(dataset_names())}", path="dataset")
+            raise SpecError(f"unknown dataset {self.dataset!r}{did_you_mean(self.dataset, dataset_names())}; "
+                            f"registered: {', '.join(dataset_names())}", path="dataset")
         self.name = self.name or self.dataset
 
 
@@ -115,254 +115,61 @@ class SimilaritySpec:
 
 
 @dataclass
-class AshaSpec:
-    """ASHA early stopping on the per-epoch validation loss (``tune.scheduler: asha``)."""
-
-    grace_period: int = 5  # epochs every trial runs before it may be stopped
-    reduction_factor: float = 3.0
-    max_t: Optional[int] = None  # default: the trials' ``epochs``
-
-
-@dataclass
-class TuneSpec:
-    """How Ray Tune schedules the trials."""
-
-    search: Literal["grid", "optuna"] = "grid"
-    scheduler: Literal["fifo", "asha"] = "fifo"
-    metric: Optional[str] = None  # Optuna's objective; default: the headline metric
-    mode: Optional[Literal["max", "min"]] = None  # default: "min" for a *loss* metric, else "max"
-    num_samples: int = 1  # per grid combination (grid) or per grid (optuna)
-    seed: int = 0  # of sampled dimensions and of Optuna's sampler
-    asha: AshaSpec = field(default_factory=AshaSpec)
-    max_concurrent_trials: int = 0  # 0: one per CPU of the cluster
-    cpus_per_trial: float = 1.0
-    gpus_per_trial: float = 0.0  # fractions share a GPU between trials
-    max_failures: int = 1  # retries of a failed trial before it is recorded as failed
-    device: str = "auto"  # where a trial trains its heads; auto: cuda if gpus_per_trial > 0
-    trials_per_task: int = 1  # >1: cheap trials of one layer pair run in one Tune trial
-    flush_seconds: float = 1.0  # results are written at least this often
-    # Features one wave of trials may hold in Ray's object store (GB); past it
-    # the grid runs in waves of image layers. null: half the object store.
-    feature_memory_gb: Optional[float] = None
-
-    def __post_init__(self):
-        for name in ("num_samples", "trials_per_task"):
-            if getattr(self, name) < 1:
-                raise SpecError(f"must be >= 1, got {getattr(self, name)}", path=name)
-        if self.max_failures < 0:
-            raise SpecError("must be >= 0", path="max_failures")
-        if self.cpus_per_trial <= 0 or self.gpus_per_trial < 0:
-            raise SpecError("cpus_per_trial must be > 0 and gpus_per_trial >= 0", path="cpus_per_trial")
-        if self.scheduler == "asha" and self.trials_per_task > 1:
-            raise SpecError("ASHA stops single trials; use trials_per_task: 1", path="trials_per_task")
-
-    @property
-    def trial_device(self) -> str:
-        if self.device != "auto":
-            return self.device
-        return "cuda" if self.gpus_per_trial > 0 else "cpu"
-
-
-@dataclass
 class SweepSpec:
+    """A whole sweep; build it with :func:`load_spec` (or :func:`load_run_spec`)."""
+
     name: str
     encoders: EncodersSpec
     data: DataSpec
-    search: Union[list[dict], dict]  # one grid, or a list of grids (their union)
+    search: list[Grid] = field(metadata={  # their union; YAML: one grid or a list
+        "parse": parse_grids, "expects": "a grid (a mapping of dimension -> values) or a list of grids"})
     training: dict = field(default_factory=dict)
     similarity: SimilaritySpec = field(default_factory=SimilaritySpec)
-    tune: TuneSpec = field(default_factory=TuneSpec)
+    tune: TuneSpec = field(default_factory=TuneSpec, metadata={"parse": TuneSpec.parse})
     output_dir: Optional[str] = None  # default: runs/<name>
     cache_dir: Optional[str] = None  # default: $STRUCTURE_SWEEP_CACHE or ~/.cache/structure-sweep
     source: str = ""  # the file it came from (set by load_spec)
+    # The mapping it was validated from (variables substituted): what resume
+    # re-validates and check_runnable scans; set by the loader, not a spec key.
+    raw: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self):
-        _trial_overrides(self.training, "training")
+        from_dict(TrialConfig, self.training, path="training")
         if "head" in self.training:
-            _check_head(self.training["head"], "training.head")
-        if isinstance(self.search, dict):
-            self.search = [self.search]
-        self.search = [_check_grid(g, f"search[{i}]") for i, g in enumerate(self.search)]
-        if not self.search:
-            raise SpecError("needs at least one grid", path="search")
+            check_head(self.training["head"], "training.head")
         _check_num_samples(self)
-        self.tune.metric, self.tune.mode = _objective(self)
+        search = self.tune.search_config
+        search.metric, search.mode = _objective(self)
 
     @property
     def run_dir(self) -> Path:
         return Path(self.output_dir or Path("runs") / self.name).resolve()
 
-
-# --- search grids -------------------------------------------------------------
-
-TRIAL_FIELDS = {f.name for f in dataclasses.fields(TrialConfig)} - {"image_layer", "text_layer"}
-GRID_KEYS = ("name", "layers", "preset", "num_samples")
-SAMPLERS = ("choice", "uniform", "loguniform", "randint")
+    def resolved(self) -> dict:
+        """Every value, defaults filled in, grids in the spec's own spelling."""
+        return {**dataclasses.asdict(self), "search": [g.to_dict() for g in self.search],
+                "tune": self.tune.to_dict()}
 
 
-@dataclass(frozen=True)
-class Sampled:
-    """A sampled dimension: ``{choice: [..]}``, ``{uniform: [lo, hi]}``,
-    ``{loguniform: [lo, hi]}`` or ``{randint: [lo, hi]}`` (hi exclusive)."""
-
-    kind: str
-    args: tuple
-
-    def sample(self, rng) -> Any:
-        import numpy as np
-
-        if self.kind == "choice":
-            return self.args[rng.integers(len(self.args))]
-        lo, hi = self.args
-        if self.kind == "uniform":
-            return float(rng.uniform(lo, hi))
-        if self.kind == "loguniform":
-            return float(np.exp(rng.uniform(np.log(lo), np.log(hi))))
-        return int(rng.integers(lo, hi))
-
-    def tune_domain(self):
-        from ray import tune
-
-        if self.kind == "choice":
-            return tune.choice(list(self.args))
-        return getattr(tune, self.kind)(*self.args)
-
-    def examples(self) -> list:
-        return list(self.args) if self.kind == "choice" else [self.args[0]]
-
-
-def _is_sampled(value: Any) -> bool:
-    return isinstance(value, dict) and len(value) == 1 and next(iter(value)) in SAMPLERS
-
-
-def _sampled(value: dict, path: str) -> Sampled:
-    kind, args = next(iter(value.items()))
-    if kind == "choice":
-        if not isinstance(args, list) or not args:
-            raise SpecError("choice needs a non-empty list of values", path=path)
-        return Sampled(kind, tuple(args))
-    numeric = isinstance(args, list) and len(args) == 2 and all(
-        isinstance(a, (int, float)) and not isinstance(a, bool) for a in args)
-    if not numeric or not args[0] < args[1]:
-        raise SpecError(f"{kind} needs [low, high] with low < high, got {args!r}", path=path)
-    if kind == "loguniform" and args[0] <= 0:
-        raise SpecError("loguniform needs low > 0", path=path)
-    if kind == "randint" and not all(isinstance(a, int) for a in args):
-        raise SpecError("randint needs integer bounds", path=path)
-    return Sampled(kind, tuple(args))
-
-
-def _trial_overrides(values: dict, path: str) -> TrialConfig:
-    """Validate a mapping of TrialConfig fields (unknown keys, types)."""
-    return from_dict(TrialConfig, values, path=path)
-
-
-def _check_grid(grid: Any, path: str) -> dict:
-    """A grid maps dimension -> value, list of values (every combination runs)
-    or sampled distribution (``num_samples`` draws per combination).
-
-    Normalised form: every grid dimension a list; sampled ones under
-    ``"sample"`` ({dim: Sampled}); ``"num_samples"`` an int or None.
-    """
-    if not isinstance(grid, dict):
-        raise SpecError("a grid must be a mapping of dimension -> values", path=path)
-    for key in grid:
-        if key not in TRIAL_FIELDS and key not in GRID_KEYS:
-            raise SpecError(f"unknown search dimension {key!r}{did_you_mean(key, TRIAL_FIELDS)}; allowed: "
-                            f"{', '.join(GRID_KEYS + tuple(sorted(TRIAL_FIELDS)))}",
-                            path=f"{path}.{key}")
-    num_samples = grid.get("num_samples")
-    if num_samples is not None and (not isinstance(num_samples, int) or num_samples < 1):
-        raise SpecError(f"expected an integer >= 1, got {num_samples!r}", path=f"{path}.num_samples")
-    sample = {k: _sampled(v, f"{path}.{k}") for k, v in grid.items()
-              if _is_sampled(v) and k in TRIAL_FIELDS}
-    out = {k: (v if isinstance(v, list) and k not in ("head_options",)
-               and not (k == "layers" and is_layer_pair(v)) else [v])
-           for k, v in grid.items() if k not in sample and k != "num_samples"}
-    out.setdefault("name", [path.replace("search", "grid")])
-    if len(out["name"]) != 1 or not isinstance(out["name"][0], str):
-        raise SpecError("a grid's name is one string", path=f"{path}.name")
-    if "layers" in out:
-        out["layers"] = [_check_layers(v, f"{path}.layers") for v in out["layers"]]
-    for head in out.get("head", []) + list(sample["head"].args if "head" in sample else []):
-        _check_head(head, f"{path}.head")
-    for preset in out.get("preset", []):
-        if preset not in list_presets():
-            raise SpecError(f"unknown preset {preset!r}{did_you_mean(preset, list_presets())}; "
-                            f"presets: {', '.join(list_presets())}", path=f"{path}.preset")
-    fixed = {k: v for k, v in out.items() if k in TRIAL_FIELDS}
-    for combo in _combinations(fixed):
-        _trial_overrides(combo, path)
-    for key, dim in sample.items():
-        for example in dim.examples():
-            _trial_overrides({key: example}, f"{path}.{key}")
-    out["sample"], out["num_samples"] = sample, num_samples
-    return out
-
-
-def _check_head(name: str, path: str) -> None:
-    from trials.heads import list_heads  # imports torch: only when a spec names a head
-
-    if name not in list_heads():
-        raise SpecError(f"unknown head {name!r}{did_you_mean(name, list_heads())}; "
-                        f"heads: {', '.join(list_heads())}", path=path)
-
+# --- checks across sections -----------------------------------------------------
 
 def _check_num_samples(spec: "SweepSpec") -> None:
     """``num_samples`` only draws sampled dimensions (or Optuna trials); on a
     grid search without them every repeat would be the same trial."""
-    if spec.tune.search != "grid":
+    tune = spec.tune.search_config
+    if tune.search != "grid":
         return
+    advice = ("num_samples only applies to sampled dimensions ({choice|uniform|loguniform|randint: "
+              "...}) or to tune.search: optuna. Remove it, or repeat with a `seed: [0, 1, ...]` dimension")
     for i, grid in enumerate(spec.search):
-        n = grid.get("num_samples")
-        if n is not None and n > 1 and not grid.get("sample"):
+        n = grid.num_samples
+        if n is not None and n > 1 and not grid.sample:
             raise SpecError(f"num_samples: {n} has no effect on a grid without sampled dimensions "
-                            "(every repeat is the same trial); num_samples only applies to sampled "
-                            "dimensions ({choice|uniform|loguniform|randint: ...}) or to "
-                            "tune.search: optuna. Remove it, or repeat with a `seed: [0, 1, ...]` "
-                            "dimension", path=f"search[{i}].num_samples")
-    if spec.tune.num_samples > 1 and not any(g.get("sample") for g in spec.search):
-        raise SpecError(f"num_samples: {spec.tune.num_samples} has no effect: no grid has a sampled "
-                        "dimension and tune.search is 'grid'; num_samples only applies to sampled "
-                        "dimensions ({choice|uniform|loguniform|randint: ...}) or to "
-                        "tune.search: optuna. Remove it, or repeat with a `seed: [0, 1, ...]` "
-                        "dimension", path="tune.num_samples")
+                            f"(every repeat is the same trial); {advice}", path=f"search[{i}].num_samples")
+    if tune.num_samples > 1 and not any(g.sample for g in spec.search):
+        raise SpecError(f"num_samples: {tune.num_samples} has no effect: no grid has a sampled "
+                        f"dimension and tune.search is 'grid'; {advice}", path="tune.num_samples")
 
-
-def _check_layers(value: Any, path: str) -> LayerRule:
-    try:
-        return parse_rule(value)
-    except ValueError as err:
-        raise SpecError(str(err), path=path) from None
-
-
-def _combinations(grid: dict) -> list[dict]:
-    keys = list(grid)
-    return [dict(zip(keys, values)) for values in itertools.product(*grid.values())]
-
-
-def expand_grid(grid: dict) -> list[dict]:
-    """Every combination of one grid, presets unfolded into trial values.
-
-    Each combination has ``name``, ``layers`` (a rule, from the grid or the
-    preset, default "similar") and TrialConfig values, in increasing precedence:
-    the preset's, then the grid's own dimensions.
-    """
-    dims = {k: v for k, v in grid.items() if k not in ("sample", "num_samples")}
-    return [_unfold_preset(combo) for combo in _combinations(dims)]
-
-
-def _unfold_preset(combo: dict) -> dict:
-    preset = combo.pop("preset", None)
-    if preset is None:
-        return {"layers": parse_rule("similar"), **combo}
-    p = get_preset(preset)
-    values = {"head": p["head"], "head_options": p["head_options"], "out_dim": p["out_dim"],
-              **p["loss"], **p["train"]}
-    return {"layers": parse_rule(p["layer_rule"]), **values, "preset": preset, **combo}
-
-
-# --- objective --------------------------------------------------------------------
 
 def _objective(spec: "SweepSpec") -> tuple[str, str]:
     """(metric, mode) Optuna optimises; checked against the spec's evaluation sets.
@@ -374,7 +181,7 @@ def _objective(spec: "SweepSpec") -> tuple[str, str]:
     zs = [r.name for r in spec.data.zero_shot]
     ret = [r.name for r in spec.data.retrieval]
     valid = metric_names(zs, ret)
-    metric, mode = spec.tune.metric, spec.tune.mode
+    metric, mode = spec.tune.search_config.metric, spec.tune.search_config.mode
     if metric is None:
         metric = choose_headline(valid) or "best_val_loss"
     elif metric not in valid:
@@ -389,45 +196,9 @@ def _objective(spec: "SweepSpec") -> tuple[str, str]:
 
 # --- loading -------------------------------------------------------------------
 
-_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
-
-
-def substitute_env(value: Any, env: dict | None = None) -> Any:
-    """``${VAR}`` / ``${VAR:-default}`` in every string of ``value``, from ``env``.
-
-    An unset variable without a default is left as written (see
-    :func:`check_runnable`).
-    """
-    env = os.environ if env is None else env
-    if isinstance(value, str):
-        def repl(m):
-            name, default = m.group(1), m.group(2)
-            if env.get(name):
-                return env[name]
-            return default if default is not None else m.group(0)
-        return _VAR.sub(repl, value)
-    if isinstance(value, list):
-        return [substitute_env(v, env) for v in value]
-    if isinstance(value, dict):
-        return {k: substitute_env(v, env) for k, v in value.items()}
-    return value
-
-
-def unresolved_variables(value: Any, path: str = "") -> list[tuple[str, str]]:
-    """(key path, variable) of every ``${VAR}`` left unsubstituted."""
-    if isinstance(value, str):
-        return [(path, m.group(1)) for m in _VAR.finditer(value)]
-    if isinstance(value, list):
-        return [u for i, v in enumerate(value) for u in unresolved_variables(v, f"{path}[{i}]")]
-    if isinstance(value, dict):
-        return [u for k, v in value.items()
-                for u in unresolved_variables(v, f"{path}.{k}" if path else str(k))]
-    return []
-
-
 def check_runnable(spec: SweepSpec) -> None:
     """Reject, before any Ray work, a spec whose variables are still unset."""
-    missing = unresolved_variables(getattr(spec, "raw", {}) or {})
+    missing = unresolved_variables(spec.raw)
     if missing:
         where = "; ".join(f"{p} uses ${{{v}}}" for p, v in missing)
         names = " ".join(sorted({f"{v}=..." for _, v in missing}))
@@ -443,8 +214,7 @@ def _validate(data: Any, source: str) -> SweepSpec:
         spec = from_dict(SweepSpec, data)
     except SpecError as err:
         raise SpecError(err.reason, path=err.path, source=source) from None
-    spec.source = source
-    spec.raw = data  # what resume re-validates (variables already substituted)
+    spec.source, spec.raw = source, data
     return spec
 
 
@@ -465,9 +235,7 @@ def load_spec(path: str | Path, overrides: dict | None = None) -> SweepSpec:
 
 def save_spec(spec: SweepSpec, run_dir: Path) -> None:
     """RUN_DIR/spec.json: the resolved spec, plus the raw one that resume reloads."""
-    resolved = dataclasses.asdict(spec)
-    raw = {**getattr(spec, "raw", {}), "output_dir": str(run_dir)}
-    resolved["raw"] = raw
+    resolved = {**spec.resolved(), "raw": {**spec.raw, "output_dir": str(run_dir)}}
     atomic_write_bytes(run_dir / SPEC_FILE, json.dumps(resolved, indent=2, default=str).encode())
 
 
@@ -479,11 +247,8 @@ def load_run_spec(run_dir: str | Path) -> SweepSpec:
         raise FileNotFoundError(f"{run_dir} has no {SPEC_FILE}: is it a run directory written "
                                 "by `structure-sweep run`?")
     saved = json.loads(file.read_text())
-    if "raw" not in saved:
-        if saved.get("source") and Path(saved["source"]).is_file():
-            return load_spec(saved["source"], {"output_dir": str(run_dir)})
-        raise SpecError(f"{file} predates resumable runs and its source spec is gone; "
-                        "run the spec again with --out", source=str(file))
+    if not isinstance(saved.get("raw"), dict):
+        raise SpecError("no 'raw' spec to resume from; run the spec again with --out", source=str(file))
     spec = _validate({**saved["raw"], "output_dir": str(run_dir.resolve())}, str(file))
     spec.source = saved.get("source") or str(file)
     return spec

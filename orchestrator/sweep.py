@@ -119,7 +119,7 @@ def _run_sweep(spec: SweepSpec, run_dir: Path, *, address, dashboard, num_cpus, 
                      metrics_port=metrics_port, log=log):
         from orchestrator.monitoring import SweepMetrics
 
-        monitor = SweepMetrics(spec.name, spec.tune.metric, spec.tune.mode)
+        monitor = SweepMetrics(spec.name, spec.tune.search_config.metric, spec.tune.search_config.mode)
         log(f"[1/3] features (cache: {cache_root})")
         features = extract_features(spec, str(store.root), log=log)
         monitor.features(features.cached, features.computed)
@@ -129,7 +129,7 @@ def _run_sweep(spec: SweepSpec, run_dir: Path, *, address, dashboard, num_cpus, 
         log(f"  most similar pair: image layer {best[0]}, text layer {best[1]} "
             f"({spec.similarity.metric} = {similarity[best]:.3f})")
         runner = _Runner(spec, features, store, results, monitor, log)
-        if spec.tune.search == "grid":
+        if spec.tune.search_config.search == "grid":
             outcome = runner.grid(plan_trials(spec, features, similarity))
         else:
             outcome = runner.optuna(similarity)
@@ -148,7 +148,7 @@ class _Runner:
         self.finished = self.failed = self.stopped = 0
         self.tune_seconds = 0.0
         # early-stopped trials count as finished only under ASHA; FIFO re-runs them in full
-        self._asha = spec.tune.scheduler == "asha"
+        self._asha = spec.tune.search_config.scheduler == "asha"
 
     def grid(self, planned: list[PlannedTrial]) -> tuple[int, int, int, int]:
         write_plan(self.spec.run_dir, [t.fingerprint for t in planned])
@@ -162,7 +162,7 @@ class _Runner:
             if len(waves) > 1:
                 self.log(f"  wave {number}/{len(waves)}: {len(wave)} trials on image layers "
                          f"{sorted({t.config.image_layer for t in wave})}")
-            tasks = _batch(wave, self.spec.tune.trials_per_task)
+            tasks = _batch(wave, self.spec.tune.run_config.trials_per_task)
             refs = _put_layers(self.store, self.features, wave)
             self._tune(refs, {"task": _grid_search(len(tasks))}, 1, None,
                        tasks=[[t.as_param() for t in task] for task in tasks], total=len(wave))
@@ -173,8 +173,8 @@ class _Runner:
         """Bytes of features one wave may put in the object store."""
         import ray
 
-        if self.spec.tune.feature_memory_gb is not None:
-            return self.spec.tune.feature_memory_gb * 2**30
+        if self.spec.tune.run_config.feature_memory_gb is not None:
+            return self.spec.tune.run_config.feature_memory_gb * 2**30
         return 0.5 * ray.cluster_resources().get("object_store_memory", float("inf"))
 
     def optuna(self, similarity: np.ndarray) -> tuple[int, int, int, int]:
@@ -182,8 +182,8 @@ class _Runner:
         planned = skipped = 0
         spaces = []
         for grid in self.spec.search:
-            name = grid["name"][0]
-            wanted = grid.get("num_samples") or self.spec.tune.num_samples
+            name = grid.name
+            wanted = grid.sample_count(self.spec.tune.search_config.num_samples)
             mine = stored[stored["grid"] == name] if not stored.empty else stored
             finished = (mine[mine["status"].isin(finished_statuses(self._asha))]
                         if not mine.empty else mine)
@@ -197,7 +197,7 @@ class _Runner:
             if remaining <= 0:
                 continue
             space = optuna_space(self.spec, grid, similarity)
-            pairs = [tuple(p) for p in space["pairs"]]
+            pairs = [tuple(p) for p in space.pairs]
             refs = _put_layers(self.store, self.features, pairs=pairs)
             searcher = self._optuna_searcher(param_space(space), finished)
             self._tune(refs, {}, remaining, searcher, total=remaining,
@@ -207,7 +207,7 @@ class _Runner:
     def _optuna_searcher(self, space: dict, finished):
         from ray.tune.search.optuna import OptunaSearch
 
-        metric, mode = self.spec.tune.metric, self.spec.tune.mode
+        metric, mode = self.spec.tune.search_config.metric, self.spec.tune.search_config.mode
         points, rewards = [], []
         if not finished.empty and metric in finished.columns:  # warm start from the store
             for _, row in finished.iterrows():
@@ -226,14 +226,15 @@ class _Runner:
                     super().on_trial_result(trial_id, result)
 
         # A resumed search draws a fresh random stream (same seed would repeat old draws).
-        seed = self.spec.tune.seed + len(finished)
+        seed = self.spec.tune.search_config.seed + len(finished)
         return _FinalOnly(space, metric=metric, mode=mode, sampler=TPESampler(seed=seed), **kwargs)
 
     def _tune(self, refs, space, num_samples, searcher, *, total, tasks=None, optuna=None):
         from ray import tune
 
         spec = self.spec
-        context = {"device": spec.tune.trial_device, "report_epochs": spec.tune.scheduler == "asha"}
+        context = {"device": spec.tune.run_config.trial_device,
+                   "report_epochs": spec.tune.search_config.scheduler == "asha"}
         import ray
 
         # One object for everything trials share; each trial process fetches it once
@@ -241,13 +242,13 @@ class _Runner:
         payload = ray.put({"features": self.features, "refs": refs, "tasks": tasks,
                            "optuna": optuna, "context": context})
         trainable = tune.with_parameters(_trainable, shared=[payload])
-        resources = {"cpu": spec.tune.cpus_per_trial, "gpu": spec.tune.gpus_per_trial}
+        resources = {"cpu": spec.tune.run_config.cpus_per_trial, "gpu": spec.tune.run_config.gpus_per_trial}
         describe = (lambda config: tasks[config["task"]]) if tasks is not None else \
             (lambda config: [materialize(optuna["training"], optuna["grid"], optuna["space"],
                                          config, self.features).as_param()])
         sink = ResultsSink(self.results, total=total, describe=describe, monitor=self.monitor,
-                           log=self.log, flush_seconds=spec.tune.flush_seconds,
-                           scheduled_stops=spec.tune.scheduler == "asha")
+                           log=self.log, flush_seconds=spec.tune.run_config.flush_seconds,
+                           scheduled_stops=spec.tune.search_config.scheduler == "asha")
         storage = tempfile.mkdtemp(prefix="structure-sweep-tune-")
         tuner = tune.Tuner(
             tune.with_resources(trainable, resources),
@@ -257,7 +258,7 @@ class _Runner:
                                         max_concurrent_trials=_concurrency(spec)),
             run_config=tune.RunConfig(
                 name="tune", storage_path=storage, verbose=0, callbacks=[sink],
-                failure_config=tune.FailureConfig(max_failures=spec.tune.max_failures),
+                failure_config=tune.FailureConfig(max_failures=spec.tune.run_config.max_failures),
                 sync_config=tune.SyncConfig(sync_artifacts=False),
                 checkpoint_config=tune.CheckpointConfig(checkpoint_at_end=False)),
         )
@@ -274,11 +275,11 @@ class _Runner:
         self.stopped += sink.stopped
 
     def _scheduler(self):
-        if self.spec.tune.scheduler != "asha":
+        if self.spec.tune.search_config.scheduler != "asha":
             return None
         from ray.tune.schedulers import ASHAScheduler
 
-        asha = self.spec.tune.asha
+        asha = self.spec.tune.search_config.asha
         max_t = asha.max_t or int(self.spec.training.get("epochs", 1000))
         return ASHAScheduler(time_attr="epoch", metric="val_loss", mode="min", max_t=max_t,
                              grace_period=asha.grace_period, reduction_factor=asha.reduction_factor,
@@ -294,12 +295,13 @@ def _grid_search(n: int):
 def _concurrency(spec: SweepSpec) -> int:
     import ray
 
-    if spec.tune.max_concurrent_trials:
-        return spec.tune.max_concurrent_trials
+    run = spec.tune.run_config
+    if run.max_concurrent_trials:
+        return run.max_concurrent_trials
     resources = ray.cluster_resources()
-    slots = resources.get("CPU", 1) / spec.tune.cpus_per_trial
-    if spec.tune.gpus_per_trial:
-        slots = min(slots, resources.get("GPU", 0) / spec.tune.gpus_per_trial)
+    slots = resources.get("CPU", 1) / run.cpus_per_trial
+    if run.gpus_per_trial:
+        slots = min(slots, resources.get("GPU", 0) / run.gpus_per_trial)
     return max(1, int(slots))
 
 

@@ -61,7 +61,7 @@ def test_feature_keys_and_trial_fingerprints_are_unchanged(path):
     keys = _feature_keys(spec)
     assert keys == PINNED[path]["feature_keys"]
     features, similarity = _feature_set(spec, keys), _similarity()
-    if spec.tune.search == "grid":
+    if spec.tune.search_config.search == "grid":
         fingerprints = [t.fingerprint for t in plan_trials(spec, features, similarity)]
     else:
         space = optuna_space(spec, spec.search[0], similarity)

@@ -160,11 +160,12 @@ def test_stopped_trials_count_as_finished_only_for_asha_runs(tmp_path, monkeypat
     ran = {}
     monkeypatch.setattr(sweep, "_put_layers", lambda *a, **k: {})
     monkeypatch.setattr(sweep._Runner, "_tune", lambda self, *a, tasks, total, **k: ran.update(
-        {self.spec.tune.scheduler: sorted(t[0]["fingerprint"] for t in tasks)}))
+        {self.spec.tune.search_config.scheduler: sorted(t[0]["fingerprint"] for t in tasks)}))
     planned = [PlannedTrial(fp, "g", TrialConfig()) for fp in ("a", "s", "f")]
     for scheduler in ("asha", "fifo"):
         spec = SimpleNamespace(run_dir=tmp_path, tune=SimpleNamespace(
-            scheduler=scheduler, trials_per_task=1, feature_memory_gb=1.0))
+            search_config=SimpleNamespace(scheduler=scheduler),
+            run_config=SimpleNamespace(trials_per_task=1, feature_memory_gb=1.0)))
         monitor = SimpleNamespace(planned=lambda n: None)
         sweep._Runner(spec, None, None, store, monitor, lambda *a: None).grid(planned)
     assert ran == {"asha": ["f"], "fifo": ["f", "s"]}  # FIFO re-runs the stopped trial in full

@@ -7,7 +7,9 @@ import yaml
 
 from orchestrator.config import SpecError
 from orchestrator.planning import count_trials
-from orchestrator.spec import expand_grid, load_spec
+from orchestrator.grids import Grid
+from orchestrator.spec import load_spec
+from orchestrator.tune_settings import TuneSpec
 from trials.selection import parse_rule
 
 DEMO = Path(__file__).parents[2] / "search_spaces" / "demo.yaml"
@@ -25,7 +27,7 @@ def test_demo_spec_loads_with_defaults():
     spec = load_spec(DEMO)
     assert spec.encoders.image.name == "synthetic:image"
     assert spec.similarity.metric == "mutual_knn" and spec.similarity.k == 10
-    assert spec.tune.max_failures == 1  # a default the spec left out
+    assert spec.tune.run_config.max_failures == 1  # a default the spec left out
     assert spec.run_dir == (Path("runs") / "demo").resolve()
     assert count_trials(spec, (6, 6)) == (36 + 2 * 2 * 4 * 2, True)
 
@@ -70,25 +72,36 @@ def test_missing_spec_file(tmp_path):
 
 def test_single_grid_mapping_and_scalars_become_lists(tmp_path):
     spec = load_spec(write_spec(tmp_path, lambda d: d.update(search={"layers": [[0, 1]], "seed": 3})))
-    assert spec.search == [{"layers": [parse_rule((0, 1))], "seed": [3], "name": ["grid[0]"], "sample": {}, "num_samples": None}]
+    assert spec.search == [Grid(name="grid[0]", layers=[parse_rule((0, 1))], dims={"seed": [3]})]
+    assert spec.search[0].draw_count(5) == 1  # no sampled dimension: one draw
+
+
+def test_combinations_follow_the_spec_order_of_dimensions():
+    # the combination index seeds the sampled draws: the order is part of trial identity
+    g = Grid.parse({"seed": [0, 1], "layers": ["similar", "last"], "lr": {"uniform": [0.001, 0.01]}},
+                   "search[0]")
+    assert [(c.values["seed"], str(c.layers)) for c in g.combinations()] == [
+        (0, "similar"), (0, "last"), (1, "similar"), (1, "last")]
+    assert g.order == ("seed", "layers") and g.draw_count(3) == 3 and g.sample_count(3) == 3
 
 
 def test_presets_unfold_into_trial_values_and_layer_rules(tmp_path):
     grid = {"preset": ["linear+last", "linear+similar+rs"], "seed": [0, 1]}
     spec = load_spec(write_spec(tmp_path, lambda d: d.update(search=grid)))
-    combos = expand_grid(spec.search[0])
+    combos = spec.search[0].combinations()
     assert len(combos) == 4
-    last = next(c for c in combos if c["preset"] == "linear+last")
-    rs = next(c for c in combos if c["preset"] == "linear+similar+rs")
-    assert str(last["layers"]) == "last" and last["structure_lambda"] == 0
-    assert str(rs["layers"]) == "similar" and rs["structure_lambda"] == 10 and rs["out_dim"] == 512
+    last = next(c for c in combos if c.preset == "linear+last")
+    rs = next(c for c in combos if c.preset == "linear+similar+rs")
+    assert str(last.layers) == "last" and last.values["structure_lambda"] == 0
+    assert str(rs.layers) == "similar" and rs.values["structure_lambda"] == 10 and rs.values["out_dim"] == 512
+    assert [str(r) for r in spec.search[0].layer_rules()] == ["last", "similar"]
 
 
 def test_grid_dimensions_override_the_preset(tmp_path):
     grid = {"preset": "linear+similar+rs", "structure_lambda": [1.0], "layers": "last"}
     spec = load_spec(write_spec(tmp_path, lambda d: d.update(search=grid)))
-    (combo,) = expand_grid(spec.search[0])
-    assert combo["structure_lambda"] == 1.0 and str(combo["layers"]) == "last"
+    (combo,) = spec.search[0].combinations()
+    assert combo.values["structure_lambda"] == 1.0 and str(combo.layers) == "last"
 
 
 def test_unknown_preset_is_named(tmp_path):
@@ -107,7 +120,7 @@ def test_sampled_dimensions_and_num_samples_plan_seeded_draws(tmp_path):
             "seed": [0, 1], "num_samples": 3}
     spec = load_spec(write_spec(tmp_path, lambda d: d.update(search=grid)))
     g = spec.search[0]
-    assert set(g["sample"]) == {"lr", "structure_lambda"} and g["num_samples"] == 3
+    assert set(g.sample) == {"lr", "structure_lambda"} and g.num_samples == 3
     assert count_trials(spec, (6, 6)) == (2 * 3, True)
     draws = _draws(spec, g, 0)
     assert len(draws) == 3 and all(1e-4 <= d["lr"] <= 1e-2 for d in draws)
@@ -118,6 +131,7 @@ def test_sampled_dimensions_and_num_samples_plan_seeded_draws(tmp_path):
 
 @pytest.mark.parametrize("dim, words", [
     ({"loguniform": [0, 1]}, "low > 0"),
+    ({"randint": [1.5, 3]}, "integer bounds"),
     ({"uniform": [2, 1]}, "low < high"),
     ({"choice": []}, "non-empty"),
 ])
@@ -153,14 +167,49 @@ def test_run_spec_roundtrip_for_resume(tmp_path):
     save_spec(spec, tmp_path / "r")
     again = load_run_spec(tmp_path / "r")
     assert again.search == spec.search and again.run_dir == spec.run_dir and again.tune == spec.tune
+    (tmp_path / "r" / "spec.json").write_text('{"name": "old"}')
+    with pytest.raises(SpecError, match="spec.json: no 'raw' spec to resume from"):
+        load_run_spec(tmp_path / "r")
+    with pytest.raises(SpecError, match=r":raw: unknown key 'raw'"):  # set by the loader, not a key
+        load_spec(write_spec(tmp_path, lambda d: d.update(raw={})))
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in DEMO.parent.glob("*.yaml")) + ["sampled"])
+def test_resolved_grids_are_written_in_the_spec_spelling(tmp_path, name):
+    if name == "sampled":
+        grid = {"n_train": [10, 20], "layers": [[0, 1], "top2"], "lr": {"loguniform": [1e-4, 1e-2]},
+                "head_options": {"bias": False}, "name": "s", "num_samples": 2}
+        spec = load_spec(write_spec(tmp_path, lambda d: d.update(search=grid)))
+    else:
+        spec = load_spec(DEMO.parent / name)
+    written = spec.resolved()["search"]
+    assert [Grid.parse(g, f"search[{i}]") for i, g in enumerate(written)] == spec.search
 
 
 def test_tune_options_are_checked(tmp_path):
     with pytest.raises(SpecError, match="tune.metric"):
         load_spec(write_spec(tmp_path, lambda d: d.update(tune={"search": "optuna", "metric": "zs/nope/top1"})))
     spec = load_spec(write_spec(tmp_path, lambda d: d.update(tune={"search": "optuna", "scheduler": "asha"})))
-    assert spec.tune.metric == "zs/synthetic-classes/top1" and spec.tune.mode == "max"
-    assert load_spec(write_spec(tmp_path, lambda d: d.update(tune={"gpus_per_trial": 0.25}))).tune.trial_device == "cuda"
+    assert spec.tune.search_config.metric == "zs/synthetic-classes/top1"
+    assert spec.tune.search_config.mode == "max"
+    gpu = load_spec(write_spec(tmp_path, lambda d: d.update(tune={"gpus_per_trial": 0.25})))
+    assert gpu.tune.run_config.trial_device == "cuda"
+
+
+def test_the_flat_tune_block_splits_into_search_and_run_settings(tmp_path):
+    block = {"search": "optuna", "scheduler": "asha", "num_samples": 3, "seed": 2,
+             "asha": {"grace_period": 2}, "cpus_per_trial": 0.5, "max_failures": 0,
+             "flush_seconds": 2.0, "feature_memory_gb": 1.5}
+    tune = load_spec(write_spec(tmp_path, lambda d: d.update(tune=block))).tune
+    assert (tune.search_config.search, tune.search_config.asha.grace_period) == ("optuna", 2)
+    assert (tune.run_config.cpus_per_trial, tune.run_config.feature_memory_gb) == (0.5, 1.5)
+    assert tune.to_dict()["num_samples"] == 3 and "search_config" not in tune.to_dict()
+    assert TuneSpec.parse(tune.to_dict(), "tune") == tune  # spec.json writes it flat, as a spec does
+    with pytest.raises(SpecError, match=r"tune.max_concurent_trials: unknown key .*did you mean "
+                                        r"'max_concurrent_trials'.*allowed keys: search, "):
+        TuneSpec.parse({"max_concurent_trials": 2}, "tune")
+    with pytest.raises(SpecError, match=r"^tune.trials_per_task: ASHA stops single trials"):
+        TuneSpec.parse({"scheduler": "asha", "trials_per_task": 2}, "tune")
 
 
 @pytest.mark.parametrize("name", sorted(p.name for p in DEMO.parent.glob("*.yaml")))
@@ -171,17 +220,17 @@ def test_shipped_specs_validate_without_their_variables(name):
 
 def test_two_ints_are_one_explicit_layer_pair(tmp_path):
     spec = load_spec(write_spec(tmp_path, lambda d: d.update(search={"layers": [3, 4]})))
-    assert spec.search[0]["layers"] == [parse_rule((3, 4))]
+    assert spec.search[0].layers == [parse_rule((3, 4))]
     assert count_trials(spec, (6, 6)) == (1, True)
     nested = load_spec(write_spec(tmp_path, lambda d: d.update(search={"layers": [[3, 4]]})))
-    assert nested.search[0]["layers"] == [parse_rule((3, 4))]
+    assert nested.search[0].layers == [parse_rule((3, 4))]
     rules = load_spec(write_spec(tmp_path, lambda d: d.update(search={"layers": ["best", "last"]})))
-    assert [str(r) for r in rules.search[0]["layers"]] == ["similar", "last"]  # old spelling reads
+    assert [str(r) for r in rules.search[0].layers] == ["similar", "last"]  # old spelling reads
 
 
 def test_tune_mode_defaults_by_metric_and_metric_names_are_checked(tmp_path):
     def tune(**t):
-        return load_spec(write_spec(tmp_path, lambda d: d.update(tune={"search": "optuna", **t}))).tune
+        return load_spec(write_spec(tmp_path, lambda d: d.update(tune={"search": "optuna", **t}))).tune.search_config
 
     assert tune(metric="best_val_loss").mode == "min"
     assert tune(metric="zs/synthetic-classes/top5").mode == "max"
@@ -200,11 +249,11 @@ def test_default_objective_is_the_headline_metric(tmp_path):
 
     def two_sets(d):
         d["data"]["zero_shot"] = [{"dataset": "synthetic", "split": "test", "name": n} for n in ("zz", "aa")]
-    assert load_spec(write_spec(tmp_path, two_sets)).tune.metric == "zs/aa/top1"  # not spec order
+    assert load_spec(write_spec(tmp_path, two_sets)).tune.search_config.metric == "zs/aa/top1"  # not spec order
 
     def retrieval_only(d):
         d["data"]["zero_shot"] = []
-    metric = load_spec(write_spec(tmp_path, retrieval_only)).tune.metric
+    metric = load_spec(write_spec(tmp_path, retrieval_only)).tune.search_config.metric
     columns = ["ret/synthetic-captions/standard/I2T/R@1", "ret/synthetic-captions/official/I2T/R@1"]
     assert metric == headline_metric(pd.DataFrame({c: [0.5] for c in columns}))
     assert metric == choose_headline(columns) == "ret/synthetic-captions/official/I2T/R@1"
@@ -224,7 +273,7 @@ def test_num_samples_without_sampled_dimensions_is_rejected(tmp_path):
     with pytest.raises(SpecError, match=r"tune.num_samples: .*sampled"):
         load_spec(write_spec(tmp_path, lambda d: d.update(tune={"num_samples": 2})))
     optuna = load_spec(write_spec(tmp_path, lambda d: d.update(tune={"search": "optuna", "num_samples": 4})))
-    assert optuna.tune.num_samples == 4
+    assert optuna.tune.search_config.num_samples == 4
 
 
 @pytest.mark.parametrize("key, value", [("n_train", 0), ("temperature", 0.0),

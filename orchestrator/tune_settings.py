@@ -1,0 +1,90 @@
+"""The ``tune:`` block: how Ray Tune schedules a sweep's trials.
+
+One flat mapping in YAML (the documented keys), two concerns in code, as Ray
+Tune splits ``TuneConfig`` from ``RunConfig``: :class:`SearchConfig` (what is
+tried and optimised) and :class:`RunConfig` (where and how trials run).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional
+
+from orchestrator.config import SpecError, from_flat
+
+
+@dataclass
+class AshaSpec:
+    """ASHA early stopping on the per-epoch validation loss (``tune.scheduler: asha``)."""
+
+    grace_period: int = 5  # epochs every trial runs before it may be stopped
+    reduction_factor: float = 3.0
+    max_t: Optional[int] = None  # default: the trials' ``epochs``
+
+
+@dataclass
+class SearchConfig:
+    """What is tried and what is optimised."""
+
+    search: Literal["grid", "optuna"] = "grid"
+    scheduler: Literal["fifo", "asha"] = "fifo"
+    metric: Optional[str] = None  # Optuna's objective; default: the headline metric
+    mode: Optional[Literal["max", "min"]] = None  # default: "min" for a *loss* metric, else "max"
+    num_samples: int = 1  # per grid combination (grid) or per grid (optuna)
+    seed: int = 0  # of sampled dimensions and of Optuna's sampler
+    asha: AshaSpec = field(default_factory=AshaSpec)
+
+    def __post_init__(self):
+        if self.num_samples < 1:
+            raise SpecError(f"must be >= 1, got {self.num_samples}", path="num_samples")
+
+
+@dataclass
+class RunConfig:
+    """Where and how trials run: resources, concurrency, retries, result flushing."""
+
+    max_concurrent_trials: int = 0  # 0: as many as the cluster's CPUs/GPUs allow
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: float = 0.0  # fractions share a GPU between trials
+    max_failures: int = 1  # retries of a failed trial before it is recorded as failed
+    device: str = "auto"  # where a trial trains its heads; auto: cuda if gpus_per_trial > 0
+    trials_per_task: int = 1  # >1: cheap trials of one layer pair run in one Tune trial
+    flush_seconds: float = 1.0  # results are written at least this often
+    # Features one wave of trials may hold in Ray's object store (GB); past it
+    # the grid runs in waves of image layers. null: half the object store.
+    feature_memory_gb: Optional[float] = None
+
+    def __post_init__(self):
+        if self.trials_per_task < 1:
+            raise SpecError(f"must be >= 1, got {self.trials_per_task}", path="trials_per_task")
+        if self.max_failures < 0:
+            raise SpecError("must be >= 0", path="max_failures")
+        if self.cpus_per_trial <= 0 or self.gpus_per_trial < 0:
+            raise SpecError("cpus_per_trial must be > 0 and gpus_per_trial >= 0", path="cpus_per_trial")
+
+    @property
+    def trial_device(self) -> str:
+        if self.device != "auto":
+            return self.device
+        return "cuda" if self.gpus_per_trial > 0 else "cpu"
+
+
+@dataclass
+class TuneSpec:
+    """The ``tune:`` block, parsed from one flat mapping (:meth:`parse`)."""
+
+    search_config: SearchConfig = field(default_factory=SearchConfig)
+    run_config: RunConfig = field(default_factory=RunConfig)
+
+    def __post_init__(self):
+        if self.search_config.scheduler == "asha" and self.run_config.trials_per_task > 1:
+            raise SpecError("ASHA stops single trials; use trials_per_task: 1", path="trials_per_task")
+
+    @classmethod
+    def parse(cls, value: Any, path: str) -> TuneSpec:
+        return from_flat(cls, value, path=path)
+
+    def to_dict(self) -> dict:
+        """The flat mapping, as written in a spec."""
+        return {**dataclasses.asdict(self.search_config), **dataclasses.asdict(self.run_config)}
