@@ -176,11 +176,11 @@ def unfold(point: dict) -> Combination:
 
 
 def check_head(name: str, path: str) -> None:
-    from trials.heads import list_heads  # imports torch: only when a spec names a head
+    from trials.head_options import HEAD_OPTIONS  # torch-free: validation loads no torch
 
-    if name not in list_heads():
-        raise SpecError(f"unknown head {name!r}{did_you_mean(name, list_heads())}; "
-                        f"heads: {', '.join(list_heads())}", path=path)
+    if name not in HEAD_OPTIONS:
+        raise SpecError(f"unknown head {name!r}{did_you_mean(name, HEAD_OPTIONS.names())}; "
+                        f"heads: {', '.join(HEAD_OPTIONS.names())}", path=path)
 
 
 # --- parsing helpers ----------------------------------------------------------------
