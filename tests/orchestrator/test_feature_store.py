@@ -228,7 +228,7 @@ def test_concurrent_similarity_stages_compute_once(tmp_path, monkeypatch):
         return real(*args)
 
     class Results:  # the run's results store, reduced to what the stage uses
-        def read(self, table):
+        def query(self, table):
             return pd.DataFrame()
 
         def write(self, table, rows):
