@@ -143,10 +143,10 @@ def build_encoder(name: str, *, pool: str | None = None, dtype: str = "float32",
                   device: str = "cpu", **options: Any) -> Encoder:
     """Make the encoder called ``name``; ``options`` go to the model factory."""
     prefix, rest = split_name(name)
-    return encoder_factory(prefix)(rest, pool=pool, dtype=dtype, device=device, **options)
+    return _factory(prefix)(rest, pool=pool, dtype=dtype, device=device, **options)
 
 
-def encoder_factory(prefix: str) -> Callable[..., Encoder]:
+def _factory(prefix: str) -> Callable[..., Encoder]:
     """The factory of ``prefix``, importing its built-in module on first use."""
     if prefix not in ENCODERS and prefix in _BUILTIN_MODULES:
         importlib.import_module(_BUILTIN_MODULES[prefix])

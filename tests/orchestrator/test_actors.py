@@ -42,7 +42,7 @@ def test_timm_extraction_matches_direct_forward_and_is_cached(tmp_path, folder):
     assert out["computed"] == {"images": True} and worker.forward_batches == 3  # 10 images / 4
     split = load_split("image_folder", "train", folder["options"])
     direct = worker.encoder.encode([open_image(p) for p in split.images.paths])
-    assert direct.shape == (10, 2, 32) and worker.store.num_layers(key) == 2
+    assert direct.shape == (10, 2, 32) and worker.store.manifest(key)["num_layers"] == 2
     for layer in range(2):
         np.testing.assert_allclose(worker.store.layer(key, layer), direct[:, layer], rtol=1e-5, atol=1e-5)
     progress = worker.progress()
