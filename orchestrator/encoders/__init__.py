@@ -118,8 +118,17 @@ def snapshot_commit(path: str | os.PathLike | None) -> str | None:
 
 def register_encoder(prefix: str, **meta: Any) -> Callable:
     """Decorator: ``@register_encoder("timm")`` on a factory ``f(rest, **kw)``;
-    a prefix registered twice is an error."""
-    return ENCODERS.register(prefix, **meta)
+    a prefix registered twice is an error, and so is a built-in prefix taken
+    by another module before its own module was (lazily) imported."""
+    add = ENCODERS.register(prefix, **meta)
+
+    def deco(factory: Callable[..., Encoder]) -> Callable[..., Encoder]:
+        home = _BUILTIN_MODULES.get(prefix, factory.__module__)
+        if prefix not in ENCODERS and factory.__module__ != home:
+            raise ValueError(f"encoder prefix {prefix!r} is built in (registered by {home})")
+        return add(factory)
+
+    return deco
 
 
 def encoder_prefixes() -> list[str]:

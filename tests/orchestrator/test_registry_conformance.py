@@ -18,8 +18,16 @@ import pytest
 from PIL import Image
 from tiny_models import TEXTS, offline_hub, save_tiny_text_model, save_tiny_vit
 
-from orchestrator.datasets import DATASETS, KIND_FIELDS, DatasetError, Split, dataset_names, load_split
-from orchestrator.encoders import Encoder, build_encoder, encoder_prefixes
+from orchestrator.datasets import (
+    DATASETS,
+    KIND_FIELDS,
+    DatasetError,
+    Split,
+    dataset_names,
+    load_split,
+    register_dataset,
+)
+from orchestrator.encoders import Encoder, build_encoder, encoder_prefixes, register_encoder
 
 # --- datasets ----------------------------------------------------------------------
 
@@ -235,3 +243,17 @@ def test_encoder_conforms(prefix, models):
         # every layer of a sample is the same alone as in a batch
         alone = np.concatenate([encoder.encode(batch[i:i + 1]) for i in range(len(batch))])
         np.testing.assert_allclose(alone, features, atol=1e-5, err_msg=name)
+
+
+def test_a_name_is_registered_once(monkeypatch):
+    import orchestrator.encoders as encoders
+
+    with pytest.raises(ValueError, match="'coco' is already registered"):
+        register_dataset("coco")(lambda split: None)
+    build_encoder("synthetic:image")  # its module is imported now
+    with pytest.raises(ValueError, match="'synthetic' is already registered"):
+        register_encoder("synthetic")(lambda rest, **_: None)
+    # a built-in prefix is refused even before its module is (lazily) imported
+    monkeypatch.setitem(encoders._BUILTIN_MODULES, "lazy", "orchestrator.encoders.lazy")
+    with pytest.raises(ValueError, match="'lazy' is built in"):
+        register_encoder("lazy")(lambda rest, **_: None)
