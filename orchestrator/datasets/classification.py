@@ -24,7 +24,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from orchestrator.datasets import DatasetError, Split, fingerprint, register_dataset
+from orchestrator.datasets.base import DatasetError, Split, fingerprint, register_dataset
 from orchestrator.datasets.files import (
     ImageFiles,
     LazyImages,
@@ -149,7 +149,7 @@ def _labels(dataset: Any) -> np.ndarray:
 
 
 for _name in TORCHVISION:
-    register_dataset(_name)(functools.partial(torchvision_split, _name))
+    register_dataset(_name, kind="classification")(functools.partial(torchvision_split, _name))
 
 
 # --- a generic image folder -------------------------------------------------------
@@ -159,7 +159,7 @@ IMAGE_FOLDER_LAYOUT = """expected image-folder layout: <root>/<split>/<class>/<i
 extensions .jpg .jpeg .png .bmp .gif .webp .tif .tiff .ppm."""
 
 
-@register_dataset("image_folder")
+@register_dataset("image_folder", kind="classification")
 def image_folder(split: str, *, root: Optional[str] = None, class_names=None, templates=None,
                  extended_prompts: bool = True, max_images: Optional[int] = None,
                  seed: int = 0) -> Split:

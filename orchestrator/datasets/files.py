@@ -20,7 +20,7 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
-from orchestrator.datasets import DatasetError
+from orchestrator.datasets.base import DatasetError
 
 
 class LazyImages(Sequence):

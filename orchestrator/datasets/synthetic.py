@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from orchestrator.datasets import DatasetError, Split, fingerprint, register_dataset
+from orchestrator.datasets.base import DatasetError, Split, fingerprint, register_dataset
 
 SYNTHETIC_VERSION = 1
 _SPLIT_OFFSETS = {"train": 1, "val": 2, "test": 3}
 
 
-@register_dataset("synthetic")
+@register_dataset("synthetic", kind="classification")
 def synthetic(split: str, *, size: int = 2000, n_classes: int = 10, latent_dim: int = 16,
               noise_dim: int = 32, captions_per_image: int = 1, templates: int = 4,
               class_spread: float = 1.2, caption_noise: float = 0.2, seed: int = 0) -> Split:

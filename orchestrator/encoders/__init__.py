@@ -18,6 +18,8 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
+from trials.registry import Registry
+
 # Modules whose import registers the built-in prefixes (imported lazily so a
 # spec can be validated without importing timm or transformers).
 _BUILTIN_MODULES = {
@@ -25,7 +27,6 @@ _BUILTIN_MODULES = {
     "hf": "orchestrator.encoders.hf_encoder",
     "synthetic": "orchestrator.encoders.synthetic",
 }
-_REGISTRY: dict[str, Callable[..., "Encoder"]] = {}
 # Compute dtypes an encoder may run in; features always come back as float32.
 DTYPES = ("float32", "bfloat16", "float16")
 # Name prefixes that mark a model reference as a local path, never a Hub id.
@@ -34,6 +35,10 @@ _PATH_PREFIXES = ("/", "./", "../", "~")
 
 class UnknownEncoderError(ValueError):
     """An encoder name whose prefix no one registered."""
+
+
+# Prefix -> factory ``f(rest, *, pool, dtype, device, **options) -> Encoder``.
+ENCODERS: Registry[Callable[..., "Encoder"]] = Registry("encoder prefix", error=UnknownEncoderError)
 
 
 class EncoderWeightsMissing(RuntimeError):
@@ -111,18 +116,24 @@ def snapshot_commit(path: str | os.PathLike | None) -> str | None:
     return None
 
 
-def register_encoder(prefix: str) -> Callable:
-    """Decorator: ``@register_encoder("timm")`` on a factory ``f(rest, **kw)``."""
+def register_encoder(prefix: str, **meta: Any) -> Callable:
+    """Decorator: ``@register_encoder("timm")`` on a factory ``f(rest, **kw)``;
+    a prefix registered twice is an error, and so is a built-in prefix taken
+    by another module before its own module was (lazily) imported."""
+    add = ENCODERS.register(prefix, **meta)
 
     def deco(factory: Callable[..., Encoder]) -> Callable[..., Encoder]:
-        _REGISTRY[prefix] = factory
-        return factory
+        home = _BUILTIN_MODULES.get(prefix, factory.__module__)
+        if prefix not in ENCODERS and factory.__module__ != home:
+            raise ValueError(f"encoder prefix {prefix!r} is built in (registered by {home})")
+        return add(factory)
 
     return deco
 
 
 def encoder_prefixes() -> list[str]:
-    return sorted(set(_REGISTRY) | set(_BUILTIN_MODULES))
+    """Registered prefixes and the built-in ones not imported yet."""
+    return sorted(set(ENCODERS.names()) | set(_BUILTIN_MODULES))
 
 
 def split_name(name: str) -> tuple[str, str]:
@@ -141,6 +152,11 @@ def build_encoder(name: str, *, pool: str | None = None, dtype: str = "float32",
                   device: str = "cpu", **options: Any) -> Encoder:
     """Make the encoder called ``name``; ``options`` go to the model factory."""
     prefix, rest = split_name(name)
-    if prefix not in _REGISTRY:
+    return _factory(prefix)(rest, pool=pool, dtype=dtype, device=device, **options)
+
+
+def _factory(prefix: str) -> Callable[..., Encoder]:
+    """The factory of ``prefix``, importing its built-in module on first use."""
+    if prefix not in ENCODERS and prefix in _BUILTIN_MODULES:
         importlib.import_module(_BUILTIN_MODULES[prefix])
-    return _REGISTRY[prefix](rest, pool=pool, dtype=dtype, device=device, **options)
+    return ENCODERS.get(prefix)

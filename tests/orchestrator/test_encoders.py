@@ -19,6 +19,8 @@ import pytest
 import torch
 from PIL import Image
 
+from tiny_models import TEXTS, TINY_VIT, offline_hub, save_tiny_text_model
+
 from orchestrator.encoders import (
     Encoder,
     EncoderWeightsMissing,
@@ -28,25 +30,11 @@ from orchestrator.encoders import (
 
 ATOL = 1e-5
 BF16_RTOL = 0.05
-TINY_VIT = dict(img_size=32, patch_size=8, depth=3, embed_dim=32, num_heads=2)
-TEXTS = ["a cat sits on the mat", "the dog runs", "hello", "a bird flies over the house"]
 
 
 @pytest.fixture(scope="module", autouse=True)
-def offline_hub(tmp_path_factory):
-    """No network and an empty Hugging Face cache, so a download attempt fails fast.
-
-    huggingface_hub reads HF_HUB_OFFLINE and the cache path when it is
-    imported, so its constants are patched as well as the environment.
-    """
-    import huggingface_hub.constants as constants
-
-    cache = tmp_path_factory.mktemp("hf_home")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("HF_HUB_OFFLINE", "1")
-        mp.setenv("HF_HOME", str(cache))
-        mp.setattr(constants, "HF_HUB_OFFLINE", True)
-        mp.setattr(constants, "HF_HUB_CACHE", str(cache / "hub"))
+def no_network(tmp_path_factory):
+    with offline_hub(tmp_path_factory.mktemp("hf_home")):
         yield
 
 
@@ -211,34 +199,6 @@ def test_unknown_names_are_clear_errors():
 
 
 # --- Hugging Face ----------------------------------------------------------
-
-
-def save_tiny_text_model(path: pathlib.Path, kind: str, pad: bool = True) -> pathlib.Path:
-    """A 2-layer BERT or RoBERTa with a word-level tokenizer trained on TEXTS, saved to ``path``."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
-    from transformers import BertConfig, BertModel, PreTrainedTokenizerFast, RobertaConfig, RobertaModel
-
-    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]"] if kind == "bert" else ["<s>", "<pad>", "</s>", "<unk>"]
-    first, last = (specials[2], specials[3]) if kind == "bert" else (specials[0], specials[2])
-    unk = specials[1] if kind == "bert" else specials[3]
-    tokenizer = Tokenizer(models.WordLevel(unk_token=unk))
-    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer.train_from_iterator(TEXTS, trainers.WordLevelTrainer(special_tokens=specials))
-    tokenizer.post_processor = processors.TemplateProcessing(
-        single=f"{first} $A {last}", special_tokens=[(t, tokenizer.token_to_id(t)) for t in (first, last)])
-    special = dict(unk_token=unk, bos_token=first, eos_token=last)
-    if pad:
-        special["pad_token"] = specials[0] if kind == "bert" else specials[1]
-    PreTrainedTokenizerFast(tokenizer_object=tokenizer, **special).save_pretrained(path)
-    sizes = dict(vocab_size=tokenizer.get_vocab_size(), hidden_size=16, num_hidden_layers=2,
-                 num_attention_heads=2, intermediate_size=32, max_position_embeddings=40)
-    torch.manual_seed(0)
-    if kind == "bert":
-        model = BertModel(BertConfig(pad_token_id=0, **sizes))
-    else:
-        model = RobertaModel(RobertaConfig(pad_token_id=1, bos_token_id=0, eos_token_id=2, **sizes))
-    model.save_pretrained(path)
-    return path
 
 
 @pytest.fixture(scope="module")
