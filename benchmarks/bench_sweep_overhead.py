@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from orchestrator.results import ResultsStore  # noqa: E402
 from orchestrator.spec import load_spec  # noqa: E402
-from orchestrator.sweep import run_sweep  # noqa: E402
+from orchestrator.driver import run_sweep  # noqa: E402
 
 
 def bench_spec(root: Path, seeds: int, concurrency: int, per_task: int) -> dict:

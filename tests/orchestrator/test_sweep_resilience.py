@@ -164,49 +164,10 @@ def test_worker_killed_mid_trial_is_retried_and_metrics_are_exported(tmp_path, t
     assert rows["retries"].max() >= 1  # the killed trial ran again
 
 
-class _Ref:
-    def hex(self):
-        return "fake-payload"
-
-
-@pytest.mark.parametrize("error, retried", [(ValueError("training diverged at epoch 3"), False),
-                                            (FloatingPointError("nan loss"), False),
-                                            (RuntimeError("CUDA out of memory"), True)])
-def test_deterministic_trial_errors_are_recorded_at_once_others_retried(monkeypatch, error, retried):
-    """ValueError/FloatingPointError from run_trial: a failed row with its message, no
-    Tune retry; anything else (worker death, CUDA OOM) is raised for Tune to retry."""
-    import dataclasses
-
-    from orchestrator import sweep
-    from trials.config import TrialConfig
-
-    param = {"fingerprint": "f1", "grid": "g", "config": dataclasses.asdict(TrialConfig()), "params": ""}
-    monkeypatch.setitem(sweep._SHARED, "fake-payload", {
-        "features": None, "refs": {}, "tasks": [[param]], "optuna": None,
-        "context": {"device": "cpu", "report_epochs": False}})
-    monkeypatch.setattr(sweep, "trial_data", lambda *a, **k: None)
-
-    def boom(*a, **k):
-        raise error
-    monkeypatch.setattr(sweep, "run_trial", boom)
-    reports = []
-    import ray.tune
-    monkeypatch.setattr(ray.tune, "report", reports.append)
-    if retried:
-        with pytest.raises(RuntimeError):
-            sweep._trainable({"task": 0}, [_Ref()])
-        assert reports == []
-    else:
-        sweep._trainable({"task": 0}, [_Ref()])
-        (row,) = reports
-        assert row["status"] == "failed" and row["trial_complete"]
-        assert str(error) in row["error"]
-
-
 def test_a_second_driver_on_the_same_run_dir_is_refused(tmp_path):
     from orchestrator import cli
     from orchestrator.spec import load_spec
-    from orchestrator.sweep import RunDirBusy, driver_lock, run_sweep
+    from orchestrator.driver import RunDirBusy, driver_lock, run_sweep
 
     demo = yaml.safe_load((ROOT / "search_spaces" / "demo.yaml").read_text())
     spec_file = tmp_path / "spec.yaml"
