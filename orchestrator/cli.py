@@ -60,7 +60,7 @@ def _resume(args) -> int:
 
 def _sweep(spec, args) -> int:
     from dashboards.report import write_report
-    from orchestrator.sweep import run_sweep
+    from orchestrator.driver import run_sweep
 
     print(f"sweep {spec.name!r} -> {spec.run_dir}", flush=True)
     outcome = run_sweep(spec, address=args.address, dashboard=args.dashboard,
@@ -171,7 +171,7 @@ def _user_errors() -> tuple[type, ...]:
     """Errors with a message meant for the user (printed without a traceback)."""
     from orchestrator.datasets import DatasetError
     from orchestrator.encoders import EncoderWeightsMissing
-    from orchestrator.sweep import RunDirBusy
+    from orchestrator.driver import RunDirBusy
 
     return (EncoderWeightsMissing, DatasetError, RunDirBusy, FileNotFoundError, ValueError)
 

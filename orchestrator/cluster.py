@@ -44,16 +44,7 @@ def ray_session(address: str | None = None, *, num_cpus: int | None = None,
     if ray.is_initialized():
         yield
         return
-    kwargs = dict(include_dashboard=dashboard, log_to_driver=True, logging_level="WARNING",
-                  configure_logging=True)
-    if address:
-        context = ray.init(address=address, **kwargs)
-    else:
-        extra = {"_metrics_export_port": metrics_port} if metrics_port else {}
-        context = ray.init(address="local", num_cpus=num_cpus, dashboard_host="127.0.0.1",
-                           _node_ip_address="127.0.0.1",
-                           _system_config={"metrics_report_interval_ms": METRICS_INTERVAL_MS},
-                           **extra, **kwargs)
+    context = _init(address, num_cpus, dashboard, metrics_port)
     if dashboard and getattr(context, "dashboard_url", None):
         log(f"Ray dashboard: http://{context.dashboard_url}"
             + ("  (token: ~/.ray/auth_token, or start Ray with RAY_AUTH_MODE=disabled)"
@@ -64,3 +55,18 @@ def ray_session(address: str | None = None, *, num_cpus: int | None = None,
         yield
     finally:
         ray.shutdown()
+
+
+def _init(address: str | None, num_cpus: int | None, dashboard: bool, metrics_port: int | None):
+    """``ray.init`` of the given cluster, or of a new local one on 127.0.0.1."""
+    import ray
+
+    kwargs = dict(include_dashboard=dashboard, log_to_driver=True, logging_level="WARNING",
+                  configure_logging=True)
+    if address:
+        return ray.init(address=address, **kwargs)
+    extra = {"_metrics_export_port": metrics_port} if metrics_port else {}
+    return ray.init(address="local", num_cpus=num_cpus, dashboard_host="127.0.0.1",
+                    _node_ip_address="127.0.0.1",
+                    _system_config={"metrics_report_interval_ms": METRICS_INTERVAL_MS},
+                    **extra, **kwargs)

@@ -2,13 +2,15 @@
 
 Exported by Ray's metrics agent at ``http://<node>:<metrics_export_port>/metrics``
 with a ``ray_`` prefix, e.g. ``ray_structure_sweep_trials_finished{sweep="demo"}``.
-Updated by the driver's results sink; cheap (a few µs per update).
+Updated by the driver's results sink (``orchestrator.results_sink``); cheap (a few µs per update).
 """
 
 from __future__ import annotations
 
 import math
 import time
+
+from orchestrator.schema import FAILED
 
 PREFIX = "structure_sweep_"
 
@@ -53,7 +55,7 @@ class SweepMetrics:
     def trial_ended(self, status: str, result: dict) -> None:
         self._running = max(0, self._running - 1)
         self.running.set(self._running, self.tags)
-        if status == "failed":
+        if status == FAILED:
             self.failed.inc(1.0, self.tags)
         else:
             self._done += 1

@@ -6,7 +6,7 @@ import yaml
 from orchestrator.results import ResultsStore
 from orchestrator.spec import load_spec
 from orchestrator.status import run_status
-from orchestrator.sweep import run_sweep
+from orchestrator.driver import run_sweep
 
 
 @pytest.fixture

@@ -144,32 +144,12 @@ def test_compaction_and_query_at_100k_rows(tmp_path):
     assert len(store.finished_fingerprints()) == 100_000
 
 
-def test_stopped_trials_count_as_finished_only_for_asha_runs(tmp_path, monkeypatch):
-    import dataclasses
-    from types import SimpleNamespace
-
-    from orchestrator import sweep
-    from orchestrator.planning import PlannedTrial
-    from trials.config import TrialConfig
-
+def test_stopped_trials_count_as_finished_only_for_asha_runs(tmp_path):
+    """The store's side; the runner's (FIFO re-runs them) is in test_tune_runner.py."""
     store = ResultsStore(tmp_path)
     store.write("trials", [row("a"), row("s", status="stopped"), row("f", status="failed")])
     assert store.finished_fingerprints() == {"a", "s"}
     assert store.finished_fingerprints(include_stopped=False) == {"a"}
-
-    ran = {}
-    monkeypatch.setattr(sweep, "_put_layers", lambda *a, **k: {})
-    monkeypatch.setattr(sweep._Runner, "_tune", lambda self, *a, tasks, total, **k: ran.update(
-        {self.spec.tune.search_config.scheduler: sorted(t[0]["fingerprint"] for t in tasks)}))
-    planned = [PlannedTrial(fp, "g", TrialConfig()) for fp in ("a", "s", "f")]
-    for scheduler in ("asha", "fifo"):
-        spec = SimpleNamespace(run_dir=tmp_path, tune=SimpleNamespace(
-            search_config=SimpleNamespace(scheduler=scheduler),
-            run_config=SimpleNamespace(trials_per_task=1, feature_memory_gb=1.0)))
-        monitor = SimpleNamespace(planned=lambda n: None)
-        sweep._Runner(spec, None, None, store, monitor, lambda *a: None).grid(planned)
-    assert ran == {"asha": ["f"], "fifo": ["f", "s"]}  # FIFO re-runs the stopped trial in full
-    assert dataclasses.is_dataclass(planned[0].config)
 
 
 def test_query_retries_once_when_a_compaction_removes_a_listed_file(tmp_path, monkeypatch):
@@ -185,7 +165,7 @@ def test_query_retries_once_when_a_compaction_removes_a_listed_file(tmp_path, mo
 
 
 def test_results_sink_compacts_during_a_long_sweep(tmp_path):
-    from orchestrator.sweep import ResultsSink
+    from orchestrator.results_sink import ResultsSink
 
     store = ResultsStore(tmp_path)
     sink = ResultsSink(store, total=10, describe=None, log=lambda *a: None, compact_every=4)

@@ -1,0 +1,127 @@
+"""The sweep driver: spec -> features -> layer similarity -> Ray Tune -> store.
+
+:func:`run_sweep` is the whole pipeline of ``structure-sweep run`` and
+``resume``. The results store is the one source of truth: finished trials (by
+fingerprint) are skipped, so running a spec again, or resuming a run whose
+driver died, only does what is missing. One driver at a time holds a run
+directory (:func:`driver_lock`).
+
+Placement: the encoder actors run first and are killed once the features are
+cached, so trials may use every CPU/GPU of the cluster; trials ask for
+``tune.cpus_per_trial``/``tune.gpus_per_trial`` (fractions allowed) and at
+most ``tune.max_concurrent_trials`` run at once (see
+:mod:`orchestrator.tune_runner`; the trial side is :mod:`orchestrator.worker`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from orchestrator.cluster import ray_session
+from orchestrator.feature_store import FeatureStore
+from orchestrator.features import extract_features
+from orchestrator.planning import plan_trials
+from orchestrator.results import ResultsStore
+from orchestrator.schema import LOCK_FILE
+from orchestrator.similarity_stage import similarity_stage
+from orchestrator.spec import SweepSpec, check_runnable, save_spec
+from orchestrator.tune_runner import TuneRunner
+
+COMPACT_AT_FILES = 64  # compact a table at the end of a sweep once it has this many parts
+
+
+@dataclass
+class SweepOutcome:
+    run_dir: Path
+    planned: int
+    skipped: int
+    finished: int
+    failed: int
+    features_computed: int
+    features_cached: int
+    stopped: int = 0  # early-stopped by the scheduler (counted in finished)
+    tune_seconds: float = 0.0  # wall time of the Tune stage(s)
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("STRUCTURE_SWEEP_CACHE", Path.home() / ".cache" / "structure-sweep"))
+
+
+class RunDirBusy(RuntimeError):
+    """Another driver holds the run directory."""
+
+
+@contextlib.contextmanager
+def driver_lock(run_dir: Path):
+    """An exclusive, non-blocking flock on RUN_DIR/.driver.lock for a whole sweep:
+    two drivers on one run directory would run the same trials twice and race
+    on plan.json/spec.json. The kernel releases it when the driver dies."""
+    import fcntl
+
+    path = Path(run_dir) / LOCK_FILE
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "unknown"
+            raise RunDirBusy(f"another structure-sweep run is using {run_dir} (pid {holder}); "
+                             "wait for it to finish or stop it, or pass another --out") from None
+        try:
+            f.seek(0)
+            f.truncate()
+            f.write(f"{os.getpid()}\n")
+            f.flush()
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def run_sweep(spec: SweepSpec, *, address: str | None = None, dashboard: bool = False,
+              num_cpus: int | None = None, metrics_port: int | None = None,
+              log=print) -> SweepOutcome:
+    """Run what is missing of ``spec`` in its run directory, on the cluster at
+    ``address`` (default: a private local one); see :func:`ray_session`."""
+    check_runnable(spec)
+    run_dir = spec.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with driver_lock(run_dir):
+        save_spec(spec, run_dir)
+        results = ResultsStore(run_dir)
+        results.recover()  # an interrupted compaction of an earlier driver
+        with ray_session(address, num_cpus=num_cpus, dashboard=dashboard,
+                         metrics_port=metrics_port, log=log):
+            outcome = _run_stages(spec, results, log)
+        if len(results.files("trials")) >= COMPACT_AT_FILES:
+            results.compact("trials")
+        return outcome
+
+
+def _run_stages(spec: SweepSpec, results: ResultsStore, log) -> SweepOutcome:
+    """Features, layer similarity and the Tune stage, on a running cluster."""
+    from orchestrator.monitoring import SweepMetrics
+
+    cache_root = Path(spec.cache_dir) if spec.cache_dir else default_cache_dir()
+    store = FeatureStore(cache_root / "features")
+    monitor = SweepMetrics(spec.name, spec.tune.search_config.metric, spec.tune.search_config.mode)
+    log(f"[1/3] features (cache: {cache_root})")
+    features = extract_features(spec, str(store.root), log=log)
+    monitor.features(features.cached, features.computed)
+    log("[2/3] layer similarity")
+    similarity = similarity_stage(store, results, features, spec.similarity, log=log)
+    best = np.unravel_index(np.argmax(similarity), similarity.shape)
+    log(f"  most similar pair: image layer {best[0]}, text layer {best[1]} "
+        f"({spec.similarity.metric} = {similarity[best]:.3f})")
+    runner = TuneRunner(spec, features, store, results, monitor, log)
+    if spec.tune.search_config.search == "grid":
+        tally = runner.run_grid(plan_trials(spec, features, similarity))
+    else:
+        tally = runner.run_optuna(similarity)
+    return SweepOutcome(spec.run_dir, tally.planned, tally.skipped, tally.finished, tally.failed,
+                        features.computed, features.cached, stopped=tally.stopped,
+                        tune_seconds=tally.seconds)

@@ -1,0 +1,155 @@
+"""The driver's side of finished trials: a Tune callback that writes store rows.
+
+Runs in the driver's Tune loop. Each Tune trial stands for the planned trials
+of one task (``describe(tune_config)``); its final report (see
+:func:`orchestrator.worker.final_report`) becomes one row per planned trial
+in the ``trials`` table, with the trial's config, status and metrics.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+from ray.tune import Callback
+
+from orchestrator.planning import PlannedTrial
+from orchestrator.results import ResultsStore
+from orchestrator.schema import DONE, FAILED, STOPPED, config_column
+from orchestrator.worker import ERROR_CHARS, ROWS_JSON, TRIAL_COMPLETE, report_rows
+
+COMPACT_EVERY_FILES = 256  # during a sweep: compact after this many new part files
+
+Describe = Callable[[dict], Sequence[PlannedTrial]]  # Tune config -> its planned trials
+
+# Keys of a Tune result that are Tune's or the row's own, not metrics.
+_TUNE_KEYS = {TRIAL_COMPLETE, ROWS_JSON, "time_this_iter_s", "time_total_s", "timestamp",
+              "training_iteration", "iterations_since_restore", "time_since_restore",
+              "pid", "node_ip", "date", "done", "config", "trial_id", "experiment_tag",
+              "checkpoint_dir_name", "should_checkpoint", "hostname", "fingerprint", "status",
+              "error"}
+
+
+class ResultsSink(Callback):
+    """A Tune callback that writes one store row per finished, stopped or failed trial.
+
+    Rows are buffered and flushed as one Parquet file at most every
+    ``flush_seconds`` (checked on every step of Tune's loop), so a crash of
+    the driver loses at most the trials of that window. ``scheduled_stops``:
+    a trial ended by the scheduler (ASHA) after per-epoch reports is
+    ``stopped``, not failed.
+    """
+
+    def __init__(self, results: ResultsStore, total: int, describe: Describe, monitor=None,
+                 log=print, flush_seconds: float = 1.0, scheduled_stops: bool = False,
+                 compact_every: int = COMPACT_EVERY_FILES):
+        self.results, self.total, self.describe, self.log = results, total, describe, log
+        self.compact_every, self.written = compact_every, 0  # parts since the last compaction
+        self.monitor, self.scheduled_stops = monitor, scheduled_stops
+        self.flush_seconds, self.last_flush = flush_seconds, time.monotonic()
+        self.buffer: list[dict] = []
+        self.finished = self.failed = self.stopped = 0
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        if self.monitor:
+            self.monitor.trial_started()
+
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        if self.monitor:
+            self.monitor.trial_retried()
+        self.log(f"  retrying a trial after: {_error_text(trial).strip().splitlines()[-1:]}")
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        result = dict(trial.last_result or {})
+        planned = self.describe(trial.config)
+        if not result.get(TRIAL_COMPLETE):
+            if self.scheduled_stops and "val_loss" in result:
+                return self._add(trial, planned[0], STOPPED,
+                                 {"val_loss": result["val_loss"], "epoch": result.get("epoch")}, "")
+            return self._add_failures(trial, planned, "trial ended without a final result")
+        for one, row in zip(planned, report_rows(result)):
+            status, error = row.pop("status", DONE), row.pop("error", "")
+            self._add(trial, one, status, row, error)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._add_failures(trial, self.describe(trial.config), _error_text(trial))
+
+    def on_step_end(self, iteration, trials, **info):
+        if self.buffer and time.monotonic() - self.last_flush > self.flush_seconds:
+            self.flush()
+
+    def on_experiment_end(self, trials, **info):
+        self.flush()
+
+    def _add_failures(self, trial, planned: Sequence[PlannedTrial], error: str):
+        for one in planned:
+            self._add(trial, one, FAILED, {}, error)
+
+    def _add(self, trial, planned: PlannedTrial, status: str, result: dict, error: str):
+        self._count(status, result)
+        row = store_row(planned, status, result, error,
+                        retries=int(getattr(trial, "num_failures", 0) or 0))
+        self.buffer.append(row)
+        self._log_row(row, status, error)
+        if time.monotonic() - self.last_flush > self.flush_seconds:
+            self.flush()
+
+    def _count(self, status: str, result: dict):
+        if status == FAILED:
+            self.failed += 1
+        else:
+            self.finished += 1
+            self.stopped += status == STOPPED
+        if self.monitor:
+            self.monitor.trial_ended(status, result)
+
+    def _log_row(self, row: dict, status: str, error: str):
+        n = self.finished + self.failed
+        if status == FAILED:
+            return self.log(f"  [{n}/{self.total}] FAILED {row['fingerprint']}: "
+                            f"{error.strip().splitlines()[-1:]}")
+        summary = ", ".join(f"{k.split('/')[-1]}={v:.3f}" for k, v in row.items()
+                            if k.startswith("zs/") and k.endswith("/top1"))
+        column = lambda field: row[config_column(field)]  # noqa: E731
+        self.log(f"  [{n}/{self.total}] {status:<7} layers ({column('image_layer')},"
+                 f"{column('text_layer')}) {column('head')} "
+                 f"λ={column('structure_lambda'):g} n={column('n_train')} "
+                 f"seed={column('seed')}  {summary}")
+
+    def flush(self):
+        written = self.results.write("trials", self.buffer)
+        self.buffer, self.last_flush = [], time.monotonic()
+        if written is not None:
+            self.written += 1
+            if self.written >= self.compact_every:  # a long sweep: keep the part count bounded
+                self.results.compact("trials")
+                self.written = 0
+
+
+def store_row(planned: PlannedTrial, status: str, result: dict, error: str,
+              retries: int = 0) -> dict:
+    """The ``trials`` row of one planned trial: identity, config columns, metrics."""
+    config = dataclasses.asdict(planned.config)
+    return {"fingerprint": planned.fingerprint, "grid": planned.grid, "status": status,
+            "error": error, "retries": retries, "params": planned.params,
+            **{config_column(k): _scalar(v) for k, v in config.items()},
+            **{k: v for k, v in result.items() if _is_metric(k, v)}}
+
+
+def _is_metric(key: str, value) -> bool:
+    return key not in _TUNE_KEYS and isinstance(value, (int, float, str, bool))
+
+
+def _scalar(value):
+    return json.dumps(value, sort_keys=True) if isinstance(value, (dict, list)) else value
+
+
+def _error_text(trial) -> str:
+    path = getattr(trial, "error_file", None) or ""
+    try:
+        return Path(path).read_text()[-ERROR_CHARS:] if path else str(getattr(trial, "error_msg", ""))
+    except OSError:
+        return str(getattr(trial, "error_msg", "") or path)

@@ -1,0 +1,191 @@
+"""The trial worker: what runs inside one Tune trial, on a worker process.
+
+A Tune trial runs one :class:`TrialTask`: one or more planned trials on the
+same layer pair, which share the two fetched layers. :func:`run_task` is the
+whole worker, a plain function of the task, the sweep's features and a
+``fetch(key, layer)`` that returns one layer's array, so it runs and is
+tested without Ray. :func:`trainable` is the thin Tune wrapper: it fetches
+from Ray's object store (zero-copy) and reports through ``tune.report``.
+
+Everything trials of one Tune run share (feature keys, object refs, the
+tasks or the Optuna space, the device) is one :class:`WorkerPayload`, put in
+the object store once by the driver and fetched once per trial process; the
+Tune config of a trial only selects its task.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+import traceback
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+from orchestrator.features import FeatureSet, Fetch, trial_data
+from orchestrator.planning import OptunaSpace, PlannedTrial, materialize
+from orchestrator.schema import DONE, FAILED
+from trials.trial import TrialData, run_trial
+
+# Errors of a trial's own inputs (training diverged, CSA rank errors, bad head
+# options): a retry would fail the same way, so they become a failed row at once.
+DETERMINISTIC_ERRORS = (ValueError, FloatingPointError)
+ERROR_CHARS = 4000  # the tail of a traceback kept in a failed row
+
+# Keys of a trial's final report (read back by orchestrator.results_sink).
+TRIAL_COMPLETE = "trial_complete"  # present only in the final report
+ROWS_JSON = "rows_json"  # a task of several trials: every row, as JSON
+
+Train = Callable[..., dict]  # run_trial's signature: (data, config, *, device, on_epoch)
+Report = Callable[[dict], None]
+
+
+@dataclass(frozen=True)
+class WorkerContext:
+    """How trials run: on which device, and whether they report every epoch
+    (``val_loss``, for the ASHA scheduler)."""
+
+    device: str = "cpu"
+    report_epochs: bool = False
+
+
+@dataclass(frozen=True)
+class TrialTask:
+    """The planned trials of one Tune trial; all on one layer pair."""
+
+    trials: tuple[PlannedTrial, ...]
+
+    def __post_init__(self):
+        if not self.trials:
+            raise ValueError("a TrialTask needs at least one trial")
+        if len({self._pair(t) for t in self.trials}) != 1:
+            raise ValueError("the trials of one TrialTask must share their layer pair")
+
+    @staticmethod
+    def _pair(trial: PlannedTrial) -> tuple[int, int]:
+        return trial.config.image_layer, trial.config.text_layer
+
+    @property
+    def layers(self) -> tuple[int, int]:
+        """(image layer, text layer) of every trial of the task."""
+        return self._pair(self.trials[0])
+
+
+@dataclass(frozen=True)
+class OptunaGridTask:
+    """One Optuna grid: what turns a Tune config (Optuna's suggestion) into a trial."""
+
+    training: dict  # the spec's training defaults
+    grid: str
+    space: OptunaSpace
+
+    def task(self, suggestion: dict, features: FeatureSet) -> TrialTask:
+        trial = materialize(self.training, self.grid, self.space, suggestion, features)
+        return TrialTask((trial,))
+
+
+@dataclass(frozen=True)
+class WorkerPayload:
+    """What every trial of one Tune run shares. Grid runs list their ``tasks``
+    (a trial's Tune config is ``{"task": index}``); Optuna runs give ``optuna``."""
+
+    features: FeatureSet
+    refs: dict[str, dict[int, Any]]  # store key -> layer -> ObjectRef of its array
+    context: WorkerContext
+    tasks: tuple[TrialTask, ...] = ()
+    optuna: Optional[OptunaGridTask] = None
+
+    def task(self, config: dict) -> TrialTask:
+        """The task a Tune config stands for (the same in the driver and the worker)."""
+        if self.optuna is not None:
+            return self.optuna.task(config, self.features)
+        return self.tasks[config["task"]]
+
+
+def run_task(task: TrialTask, features: FeatureSet, fetch: Fetch,
+             context: WorkerContext = WorkerContext(), *, report: Optional[Report] = None,
+             train: Train = run_trial) -> list[dict]:
+    """Run every trial of ``task`` on its two layers; one row per trial.
+
+    The layers are fetched once for the whole task. A trial failing with a
+    :data:`DETERMINISTIC_ERRORS` error becomes a failed row. Any other error
+    (worker death, CUDA OOM: maybe transient) is raised for a one-trial task,
+    so Tune retries it; in a task of several it is a failed row, so the
+    others are kept. ``report`` receives per-epoch ``val_loss`` when
+    ``context.report_epochs``; ``train`` is the trial function.
+    """
+    started = time.time()
+    data = trial_data(features, fetch, *task.layers)
+    on_epoch = _epoch_reporter(report) if context.report_epochs and report else None
+    rows, host = [], socket.gethostname()
+    for trial in task.trials:
+        t0 = time.time()
+        status, error, metrics = _attempt(trial, data, context.device, on_epoch, train,
+                                          reraise=len(task.trials) == 1)
+        end = time.time()
+        rows.append({"fingerprint": trial.fingerprint, "status": status, "error": error,
+                     **metrics, "started_at": t0, "finished_at": end, "host": host,
+                     "trial_seconds": end - (started if not rows else t0)})  # 1st: with the fetch
+    return rows
+
+
+def _attempt(trial: PlannedTrial, data: TrialData, device: str, on_epoch, train: Train,
+             reraise: bool) -> tuple[str, str, dict]:
+    """(status, error, metrics) of one trial."""
+    try:
+        return DONE, "", train(data, trial.config, device=device, on_epoch=on_epoch)
+    except DETERMINISTIC_ERRORS:  # the same inputs fail the same way: record, don't retry
+        return FAILED, traceback.format_exc()[-ERROR_CHARS:], {}
+    except Exception:
+        if reraise:
+            raise  # Tune retries it (max_failures), then records it as failed
+        return FAILED, traceback.format_exc()[-ERROR_CHARS:], {}
+
+
+def _epoch_reporter(report: Report):
+    def on_epoch(epoch: int, metrics: dict) -> None:
+        report({"val_loss": metrics["val_loss"], "epoch": epoch + 1})
+    return on_epoch
+
+
+def final_report(rows: list[dict]) -> dict:
+    """The last ``tune.report`` of a task: its one row, or every row as JSON."""
+    if len(rows) == 1:
+        return {**rows[0], TRIAL_COMPLETE: True}
+    return {TRIAL_COMPLETE: True, ROWS_JSON: json.dumps(rows)}
+
+
+def report_rows(result: dict) -> list[dict]:
+    """The rows of a :func:`final_report` (read by the driver's results sink)."""
+    return json.loads(result[ROWS_JSON]) if ROWS_JSON in result else [result]
+
+
+# --- the Tune wrapper -------------------------------------------------------------------
+
+_PAYLOADS: dict = {}  # per trial process: the current run's payload, fetched once
+
+
+def _payload(ref) -> WorkerPayload:
+    import ray
+
+    key = ref.hex()
+    if key not in _PAYLOADS:
+        _PAYLOADS.clear()  # a new Tune run (wave or grid): drop the last one's payload
+        _PAYLOADS[key] = ray.get(ref)
+    return _PAYLOADS[key]
+
+
+def trainable(config: dict, shared: list) -> None:
+    """The Tune function trainable: ``run_task`` on object-store features.
+
+    ``shared`` is ``[ObjectRef of a WorkerPayload]`` (a list, so that
+    ``tune.with_parameters`` passes the ref rather than the payload itself).
+    """
+    import ray
+    from ray import tune
+
+    payload = _payload(shared[0])
+    rows = run_task(payload.task(config), payload.features,
+                    lambda key, layer: ray.get(payload.refs[key][layer]),
+                    payload.context, report=tune.report)
+    tune.report(final_report(rows))

@@ -1,0 +1,71 @@
+"""The results sink without Tune: Tune's trial objects stood in by plain namespaces."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+from orchestrator.planning import PlannedTrial
+from orchestrator.results import ResultsStore
+from orchestrator.results_sink import ResultsSink, store_row
+from orchestrator.schema import DONE, FAILED, STOPPED, config_column
+from orchestrator.worker import final_report
+from trials.config import TrialConfig
+
+PLANNED = [PlannedTrial("a", "g", TrialConfig(image_layer=1, text_layer=2, head_options={})),
+           PlannedTrial("b", "g", TrialConfig(image_layer=1, text_layer=2, seed=1), params='{"x": 1}')]
+
+
+def sink_for(tmp_path, **kwargs) -> tuple[ResultsSink, list[str]]:
+    lines = []
+    sink = ResultsSink(ResultsStore(tmp_path), total=len(PLANNED), describe=lambda c: PLANNED,
+                       log=lines.append, flush_seconds=3600, **kwargs)
+    return sink, lines
+
+
+def tune_trial(last_result: dict, failures: int = 0):
+    return SimpleNamespace(config={"task": 0}, last_result=last_result, num_failures=failures,
+                           error_file=None, error_msg="worker died")
+
+
+def test_a_final_report_becomes_one_row_per_planned_trial(tmp_path):
+    sink, lines = sink_for(tmp_path)
+    rows = [{"fingerprint": "a", "status": DONE, "error": "", "zs/x/top1": 0.5, "host": "h"},
+            {"fingerprint": "b", "status": FAILED, "error": "ValueError: boom"}]
+    sink.on_trial_complete(0, [], tune_trial({**final_report(rows), "time_total_s": 1.0}, 1))
+    sink.flush()
+    frame = ResultsStore(tmp_path).query("trials").set_index("fingerprint")
+    assert list(frame["status"]) == [DONE, FAILED] and list(frame["retries"]) == [1, 1]
+    assert frame.loc["a", "zs/x/top1"] == 0.5 and frame.loc["b", "error"] == "ValueError: boom"
+    assert frame.loc["b", "params"] == '{"x": 1}' and frame.loc["b", config_column("seed")] == 1
+    assert "time_total_s" not in frame.columns and "trial_complete" not in frame.columns
+    assert (sink.finished, sink.failed, sink.stopped) == (1, 1, 0)
+    assert "[2/2] FAILED b" in lines[-1]
+
+
+def test_a_trial_cut_short_by_asha_is_stopped_else_failed(tmp_path):
+    for scheduled, status in ((True, STOPPED), (False, FAILED)):
+        sink, _ = sink_for(tmp_path / status, scheduled_stops=scheduled)
+        sink.on_trial_complete(0, [], tune_trial({"val_loss": 0.7, "epoch": 4}))
+        sink.flush()
+        frame = ResultsStore(tmp_path / status).query("trials")
+        assert set(frame["status"]) == {status}
+        assert len(frame) == (1 if scheduled else 2)  # a stop is the task's first trial
+        assert sink.stopped == int(scheduled)
+
+
+def test_an_errored_trial_fails_every_planned_trial_of_its_task(tmp_path):
+    sink, _ = sink_for(tmp_path)
+    sink.on_trial_error(0, [], tune_trial({}, failures=3))
+    sink.flush()
+    frame = ResultsStore(tmp_path).query("trials")
+    assert set(frame["status"]) == {FAILED} and set(frame["error"]) == {"worker died"}
+    assert sink.failed == 2
+
+
+def test_store_row_has_identity_config_columns_and_metrics_only():
+    row = store_row(PLANNED[0], DONE, {"zs/x/top1": 0.5, "training_iteration": 1,
+                                        "nested": {"no": 1}}, "", retries=2)
+    assert row["fingerprint"] == "a" and row["grid"] == "g" and row["retries"] == 2
+    assert row[config_column("image_layer")] == 1 and row[config_column("head_options")] == "{}"
+    assert row["zs/x/top1"] == 0.5
+    assert "training_iteration" not in row and "nested" not in row

@@ -1,0 +1,79 @@
+"""The Tune stage's planning, without a cluster: pending trials, waves, tasks, Optuna grids."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+
+from orchestrator.features import FeatureSet, SplitFeatures
+from orchestrator.grids import Grid
+from orchestrator.planning import PlannedTrial
+from orchestrator.results import ResultsStore
+from orchestrator.tune_runner import TuneRunner, group_tasks, layer_bytes, optuna_grids, waves
+from trials.config import TrialConfig
+
+
+def row(fp, status="done", grid="g"):
+    return {"fingerprint": fp, "status": status, "error": "", "grid": grid}
+
+
+def planned(fp: str, i: int = 0, j: int = 0, **config) -> PlannedTrial:
+    return PlannedTrial(fp, "g", TrialConfig(image_layer=i, text_layer=j, **config))
+
+
+def test_fifo_reruns_stopped_trials_asha_skips_them(tmp_path):
+    store = ResultsStore(tmp_path)
+    store.write("trials", [row("a"), row("s", status="stopped"), row("f", status="failed")])
+    trials = [planned(fp) for fp in ("a", "s", "f")]
+    pending = {}
+    for scheduler in ("asha", "fifo"):
+        spec = SimpleNamespace(tune=SimpleNamespace(search_config=SimpleNamespace(scheduler=scheduler)))
+        runner = TuneRunner(spec, None, None, store, monitor=None)
+        pending[scheduler] = sorted(t.fingerprint for t in runner.pending(trials))
+    assert pending == {"asha": ["f"], "fifo": ["f", "s"]}  # FIFO re-runs the stopped trial in full
+
+
+def test_tasks_group_trials_of_one_layer_pair_up_to_their_size():
+    trials = [planned(f"{i}{j}{s}", i, j, seed=s) for i in range(2) for j in range(2)
+              for s in range(3)]
+    assert group_tasks(trials, 1) == [[t] for t in trials]
+    tasks = group_tasks(trials, 2)
+    assert sorted(len(t) for t in tasks) == [1, 1, 1, 1, 2, 2, 2, 2]
+    assert all(len({(t.config.image_layer, t.config.text_layer) for t in task}) == 1
+               for task in tasks)
+    assert sorted(t.fingerprint for task in tasks for t in task) == sorted(t.fingerprint for t in trials)
+
+
+def one_split_features() -> tuple[FeatureSet, SimpleNamespace]:
+    """A FeatureSet of one image and one text entry of 10 x 4 floats per layer."""
+    split = SplitFeatures(image="img", text="txt", text_to_image=np.arange(10))
+    features = FeatureSet(split, split, {}, {}, num_layers=(3, 3))
+    store = SimpleNamespace(manifest=lambda key: {"shape": [10, 3, 4]})
+    return features, store
+
+
+def test_waves_hold_whole_image_layers_within_the_budget():
+    features, store = one_split_features()
+    trials = [planned(f"{i}{j}", i, j) for i in range(3) for j in range(3)]
+    per_layer = 10 * 4 * 4  # float32 rows x dim
+    assert layer_bytes(store, features, [(0, 0), (0, 1)]) == per_layer * (1 + 2)
+    assert waves(trials, features, store, budget=float("inf")) == [trials]
+    one_each = waves(trials, features, store, budget=1)  # smaller than one layer: one per wave
+    assert [{t.config.image_layer for t in w} for w in one_each] == [{0}, {1}, {2}]
+    two = waves(trials, features, store, budget=per_layer * (2 + 3))  # 2 image + 3 text layers
+    assert [len(w) for w in two] == [6, 3]
+
+
+def test_optuna_grids_count_their_stored_finished_trials(tmp_path):
+    store = ResultsStore(tmp_path)
+    store.write("trials", [row("a", grid="tpe"), row("b", grid="tpe", status="stopped"),
+                           row("c", grid="tpe", status="failed"), row("d", grid="other")])
+    spec = SimpleNamespace(search=[Grid(name="tpe"), Grid(name="big", num_samples=5)],
+                           tune=SimpleNamespace(search_config=SimpleNamespace(num_samples=1)))
+    tpe, big = optuna_grids(spec, store, include_stopped=True)
+    assert (tpe.wanted, tpe.skipped, tpe.remaining, tpe.planned) == (1, 1, 0, 2)
+    assert (big.wanted, big.skipped, big.remaining, big.planned) == (5, 0, 5, 5)
+    (tpe,) = optuna_grids(SimpleNamespace(search=spec.search[:1], tune=spec.tune), store,
+                          include_stopped=False)
+    assert len(tpe.finished) == 1
