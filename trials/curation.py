@@ -25,7 +25,8 @@ Scores, two modes:
   (:func:`quantise_faithful`; ranking uses the dequantised ``q / 128``), and
   the official candidate list of ``max - 1`` entries per concept
   (``collect_fast.py`` slices ``[:max_amount - 1]``). The official tie order
-  is whatever ``torch.sort`` gives (unspecified); here ties still break by id.
+  is whatever ``torch.sort`` / ``np.argsort`` give (unspecified); here ties
+  still break by sample id (lists) and by concept index (concept order).
   The official scores are fp16 matmuls; here they are float32.
 
 Blocks are cut at fixed positions of the stream (rows ``[k*batch, (k+1)*batch)``),
@@ -64,6 +65,8 @@ class CurationConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"curation {name} must be a positive integer, not {value!r}")
+        if not isinstance(self.faithful, bool):
+            raise ValueError(f"curation faithful must be true or false, not {self.faithful!r}")
         if self.faithful and self.max < 2:
             raise ValueError("faithful curation needs max >= 2 (its candidate lists hold max - 1)")
 

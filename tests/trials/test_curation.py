@@ -175,7 +175,8 @@ def test_random_control_has_the_requested_size_and_is_seeded():
 
 
 def test_config_rejects_bad_values():
-    for bad in ({"per_concept": 0}, {"max": 1.5}, {"batch": True}, {"max": 1, "faithful": True}):
+    for bad in ({"per_concept": 0}, {"max": 1.5}, {"batch": True}, {"max": 1, "faithful": True},
+                {"faithful": "false"}):
         with pytest.raises(ValueError):
             CurationConfig(**bad)
 
