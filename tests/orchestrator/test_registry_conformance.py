@@ -146,6 +146,13 @@ def synthetic(_, __):
     return "train", {"size": 6, "n_classes": 3, "templates": 2}
 
 
+def curated(root, monkeypatch):
+    monkeypatch.setenv("STRUCTURE_SWEEP_CACHE", str(root / "cache"))  # the selection's cache
+    np.save(root / "prototypes.npy", np.eye(3, 16, dtype=np.float32))  # 3 concepts, synthetic latent width
+    return "train", {"pool": {"dataset": "synthetic", "options": {"size": 12, "n_classes": 3}},
+                     "prototypes": str(root / "prototypes.npy"), "per_concept": 2, "max": 4}
+
+
 # name -> builder(root, monkeypatch) -> (split, options) of a tiny instance.
 DATASET_CASES = {
     "coco": coco, "flickr30k": flickr30k, "pairs": pairs, "image_folder": image_folder,
@@ -153,7 +160,7 @@ DATASET_CASES = {
                      "labels", "batches.meta", "label_names"),
     "cifar100": cifar("cifar-100-python", ["train", "test"], "fine_labels", "meta", "fine_label_names"),
     "stl10": stl10, "food101": food101, "pets": pets, "flowers": flowers, "dtd": dtd, "mnist": mnist,
-    "synthetic": synthetic,
+    "synthetic": synthetic, "curated": curated,
 }
 
 
