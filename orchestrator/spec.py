@@ -214,8 +214,12 @@ def _objective(spec: "SweepSpec") -> tuple[str, str]:
 
 # --- loading -------------------------------------------------------------------
 
-def check_runnable(spec: SweepSpec) -> None:
-    """Reject, before any Ray work, a spec whose variables are still unset."""
+def check_runnable(spec: SweepSpec):
+    """Reject, before any Ray work, a spec whose variables are still unset, or that
+    the world contradicts (:func:`orchestrator.validation.check_world`: layer
+    counts, dataset sizes and paths, model names); returns what was learnt."""
+    from orchestrator.validation import check_world
+
     missing = unresolved_variables(spec.raw)
     if missing:
         where = "; ".join(f"{p} uses ${{{v}}}" for p, v in missing)
@@ -223,6 +227,7 @@ def check_runnable(spec: SweepSpec) -> None:
         raise SpecError(f"environment variables not set: {where}. Set them (e.g. `export {names}`) "
                         "to the dataset/model paths, or write the paths into the spec",
                         source=spec.source)
+    return check_world(spec)
 
 
 def _validate(data: Any, source: str) -> SweepSpec:
