@@ -26,7 +26,7 @@ class SpecError(ValueError):
 
     def __init__(self, message: str, *, path: str = "", source: str = ""):
         # One line, always: the CLI prints it as one, and a test greps it as one.
-        message = " ".join(line.strip() for line in str(message).splitlines() if line.strip())
+        message = " ".join(str(message).split())
         self.path, self.source, self.reason = path, source, message
         where = ":".join(p for p in (source, path) if p)
         super().__init__(f"{where}: {message}" if where else message)
@@ -153,10 +153,12 @@ def check_device(value: str, path: str) -> None:
         raise SpecError(f"{value!r} is not a device; allowed: {DEVICE_FORMS}", path=path)
 
 
-def check_min(value: float | None, minimum: float, path: str, *, strict: bool = False) -> None:
+def check_min(value: float | None, minimum: float, path: str, *, strict: bool = False,
+              hint: str = "") -> None:
     """``value >= minimum`` (``>`` when ``strict``); None passes (an optional value unset)."""
     if value is not None and not (value > minimum if strict else value >= minimum):
-        raise SpecError(f"must be {'>' if strict else '>='} {minimum:g}, got {value!r}", path=path)
+        raise SpecError(f"must be {'>' if strict else '>='} {minimum:g}, got {value!r}"
+                        + (f" ({hint})" if hint else ""), path=path)
 
 
 def check_finite(value: Any, path: str = "") -> None:

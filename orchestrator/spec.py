@@ -29,6 +29,7 @@ from orchestrator.env_vars import substitute_env, unresolved_variables
 from orchestrator.grids import Grid, check_closed_form, check_head, parse_grids
 from orchestrator.schema import SPEC_FILE, choose_headline, default_mode, metric_names
 from orchestrator.tune_settings import TuneSpec
+from orchestrator.validation import World, check_world
 from trials.config import TrialConfig
 from trials.registry import did_you_mean
 
@@ -214,12 +215,10 @@ def _objective(spec: "SweepSpec") -> tuple[str, str]:
 
 # --- loading -------------------------------------------------------------------
 
-def check_runnable(spec: SweepSpec):
+def check_runnable(spec: SweepSpec) -> World:
     """Reject, before any Ray work, a spec whose variables are still unset, or that
     the world contradicts (:func:`orchestrator.validation.check_world`: layer
     counts, dataset sizes and paths, model names); returns what was learnt."""
-    from orchestrator.validation import check_world
-
     missing = unresolved_variables(spec.raw)
     if missing:
         where = "; ".join(f"{p} uses ${{{v}}}" for p, v in missing)

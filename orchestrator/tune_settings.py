@@ -68,7 +68,8 @@ class RunConfig:
             raise SpecError("must be >= 0", path="max_failures")
         if self.cpus_per_trial <= 0 or self.gpus_per_trial < 0:
             raise SpecError("cpus_per_trial must be > 0 and gpus_per_trial >= 0", path="cpus_per_trial")
-        check_min(self.max_concurrent_trials, 0, "max_concurrent_trials")  # 0: as many as fit
+        check_min(self.max_concurrent_trials, 0, "max_concurrent_trials",
+                  hint="0 runs as many trials at once as the cluster's CPUs/GPUs allow")
         check_min(self.flush_seconds, 0, "flush_seconds", strict=True)
         check_min(self.feature_memory_gb, 0, "feature_memory_gb", strict=True)
         check_device(self.device, "device")

@@ -57,9 +57,9 @@ def _run_time_only(spec: SweepSpec, count: TrialCount) -> list[str]:
     rules = sorted({str(r) for g in spec.search for r in g.layer_rules() if r.needs_similarity})
     if rules:
         names = ", ".join(repr(r) for r in rules)
-        notes.append(f"which layer pairs {names} name: the run's layer similarity picks them"
-                     + ("" if count.unique_exact else ", so the unique count is an upper bound "
-                        "(such a pair may be one that another rule names too)"))
+        notes.append(f"the layer pairs of {names}: picked by the run's layer similarity"
+                     + ("" if count.unique_exact else "; where one is also named by another rule "
+                        "(e.g. 'last') the run trains that trial once, so the unique count is an upper bound"))
     if count.optuna:
         notes.append("which trials Optuna suggests (and whether any repeat)")
     return notes
