@@ -155,6 +155,7 @@ class SweepSpec:
         if "head" in self.training:
             check_head(self.training["head"], "training.head")
         for i, grid in enumerate(self.search):
+            _check_merged(grid, self.training, f"search[{i}]")
             check_closed_form(grid, self.training, f"search[{i}]")
         _check_num_samples(self)
         search = self.tune.search_config
@@ -171,6 +172,19 @@ class SweepSpec:
 
 
 # --- checks across sections -----------------------------------------------------
+
+def _check_merged(grid: Grid, training: dict, path: str) -> None:
+    """Every combination as the planner builds it: the training defaults, then the
+    preset's values, then the grid's. A grid's values alone may each be fine while
+    their mix is not (``head: linear`` under ``training.head_options: {rank: 4}``),
+    and the planner would only find out once Ray is up."""
+    for combo in grid.combinations():
+        values = {**training, **combo.values}
+        from_dict(TrialConfig, values, path=path)
+        for key, dim in grid.sample.items():
+            for example in dim.examples():
+                from_dict(TrialConfig, {**values, key: example}, path=path)
+
 
 def _check_num_samples(spec: "SweepSpec") -> None:
     """``num_samples`` only draws sampled dimensions (or Optuna trials); on a

@@ -132,8 +132,9 @@ def _data(spec: SweepSpec, notes: list[str]) -> SplitIndex:
     if waiting:
         notes.append(f"the paths of {', '.join(waiting)}: checked once their variables are set")
     if train.pairs is None:
-        notes.append(f"training split size {train.source}: n_train and similarity.k are checked "
-                     "against it when the run loads it")
+        notes.append(f"training split size {train.source}: " + (
+            "`run` checks n_train and similarity.k against it once they are set" if waiting else
+            "n_train and similarity.k cannot be checked against it"))
     return train
 
 

@@ -121,6 +121,9 @@ CORPUS = [
     ("csa-lambda-sweep", lambda d, c: d["training"].update(head="csa"), "search[1].structure_lambda",
      ["closed form", "refine: true"]),
     ("csa-sampled-lr", csa_lr_sampled, "search[0].lr", ["closed form"]),
+    ("head-options-mixed-with-training", lambda d, c: (
+        d["training"].update(head="res_low_rank", head_options={"rank": 4}), grid(d, 1, head=["linear"])),
+     "search[1]", ["head 'linear' has no option(s) ['rank']"]),
     ("layer-in-training", lambda d, c: d["training"].update(image_layer=1), "training.image_layer", ["layers:"]),
 ]
 FILE_LEVEL = [("not-utf8", b"name: d\xe9mo\n", "not UTF-8"), ("bad-yaml", b"name: [demo\nsearch: 1\n", "line 2")]
