@@ -10,39 +10,17 @@ from orchestrator.config import SpecError
 
 
 def _validate(args) -> int:
-    from orchestrator.env_vars import unresolved_variables
-    from orchestrator.planning import count_trials
+    """Every check that needs no Ray (the spec's own, then the world's: layer
+    counts, dataset sizes and paths, model names), then what the run plans."""
     from orchestrator.spec import load_spec
+    from orchestrator.trial_counts import count_plan
+    from orchestrator.validate_report import report_lines
+    from orchestrator.validation import check_world
 
     spec = load_spec(args.spec)
-    layers = _known_layer_counts(spec)
-    try:
-        count, exact = count_trials(spec, layers)
-        print(f"{args.spec}: OK, {'' if exact else 'up to '}{count} trials in "
-              f"{len(spec.search)} grid(s)"
-              + (f" ({layers[0]} image x {layers[1]} text layers)" if layers else ""))
-    except ValueError:
-        print(f"{args.spec}: OK; the trial count depends on the encoders' layer counts "
-              "(known once features are extracted)")
-    missing = sorted({v for _, v in unresolved_variables(spec.raw)})
-    if missing:
-        print(f"note: set {', '.join(missing)} before `structure-sweep run` (paths are checked then)")
+    world = check_world(spec)
+    print("\n".join(report_lines(spec, world, count_plan(spec, world.num_layers))))
     return 0
-
-
-def _known_layer_counts(spec) -> tuple[int, int] | None:
-    """Layer counts that are known without loading a model (synthetic encoders)."""
-    import inspect
-
-    from orchestrator.encoders.synthetic import PlantedEncoder
-
-    default = inspect.signature(PlantedEncoder).parameters["layers"].default
-    counts = []
-    for enc in (spec.encoders.image, spec.encoders.text):
-        if not enc.name.startswith("synthetic:"):
-            return None
-        counts.append(int(enc.options.get("layers", default)))
-    return tuple(counts)
 
 
 def _run(args) -> int:

@@ -12,6 +12,8 @@ own parser: ``field(metadata={"parse": f, "expects": "..."})``, where
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import types
 import typing
 from typing import Any, Literal, Union, get_args, get_origin
@@ -23,6 +25,8 @@ class SpecError(ValueError):
     """A sweep spec that cannot be run; the message says where and why."""
 
     def __init__(self, message: str, *, path: str = "", source: str = ""):
+        # One line, always: the CLI prints it as one, and a test greps it as one.
+        message = " ".join(str(message).split())
         self.path, self.source, self.reason = path, source, message
         where = ":".join(p for p in (source, path) if p)
         super().__init__(f"{where}: {message}" if where else message)
@@ -134,3 +138,37 @@ def _build(cls: type, kwargs: dict, path: str, keys) -> Any:
 
 def _join(path: str, key: str) -> str:
     return f"{path}.{key}" if path and key else path or key
+
+
+# --- value checks shared by the spec's sections --------------------------------------
+
+DEVICE_FORMS = "cpu, cuda, cuda:N (e.g. cuda:0), mps or auto"
+_DEVICE = re.compile(r"(cpu|cuda|cuda:\d+|mps|auto)")
+
+
+def check_device(value: str, path: str) -> None:
+    """A torch device name (or ``auto``); a ``${VAR}`` still unset is left to
+    :func:`orchestrator.spec.check_runnable`, which names the variable."""
+    if "${" not in value and not _DEVICE.fullmatch(value):
+        raise SpecError(f"{value!r} is not a device; allowed: {DEVICE_FORMS}", path=path)
+
+
+def check_min(value: float | None, minimum: float, path: str, *, strict: bool = False,
+              hint: str = "") -> None:
+    """``value >= minimum`` (``>`` when ``strict``); None passes (an optional value unset)."""
+    if value is not None and not (value > minimum if strict else value >= minimum):
+        raise SpecError(f"must be {'>' if strict else '>='} {minimum:g}, got {value!r}"
+                        + (f" ({hint})" if hint else ""), path=path)
+
+
+def check_finite(value: Any, path: str = "") -> None:
+    """Every number in parsed YAML/JSON is finite: ``.inf``/``.nan`` pass most range
+    checks (``inf >= 0``), and would reach a trial as a silent NaN loss."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise SpecError(f"{value!r} is not a finite number; write a finite value", path=path)
+    if isinstance(value, dict):
+        for key, item in value.items():
+            check_finite(item, _join(path, str(key)))
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            check_finite(item, f"{path}[{i}]")

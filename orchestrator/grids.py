@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -92,7 +93,7 @@ class Grid:
         num_samples = _num_samples(value.get("num_samples"), f"{path}.num_samples")
         sample = {k: _sampled(v, f"{path}.{k}") for k, v in value.items()
                   if k in TRIAL_FIELDS and _is_sampled(v)}
-        axes = {k: _as_list(k, v) for k, v in value.items()
+        axes = {k: _as_list(k, v, f"{path}.{k}") for k, v in value.items()
                 if k not in sample and k not in ("name", "num_samples")}
         grid = cls(name=_name(value, path), sample=sample, num_samples=num_samples,
                    layers=[_rule(v, f"{path}.layers") for v in axes.get("layers", [])],
@@ -159,7 +160,57 @@ def parse_grids(value: Any, path: str) -> list[Grid]:
                         f"got {value!r}", path=path)
     if not grids:
         raise SpecError("needs at least one grid", path=path)
-    return [Grid.parse(g, f"{path}[{i}]") for i, g in enumerate(grids)]
+    parsed = [Grid.parse(g, f"{path}[{i}]") for i, g in enumerate(grids)]
+    _check_unique_names(parsed, path)
+    return parsed
+
+
+def _check_unique_names(grids: list[Grid], path: str) -> None:
+    """Results, reports and Optuna studies are keyed by grid name: two grids of one
+    name would mix their rows (and plan.json could not tell them apart)."""
+    first: dict[str, int] = {}
+    for i, grid in enumerate(grids):
+        if grid.name in first:
+            raise SpecError(f"grid name {grid.name!r} is already used by {path}[{first[grid.name]}]; "
+                            f"grid names must be unique: rename one (e.g. name: {grid.name}-2)",
+                            path=f"{path}[{i}].name")
+        first[grid.name] = i
+
+
+def check_closed_form(grid: Grid, training: dict, path: str) -> None:
+    """Reject a grid that varies a field its closed-form head ignores.
+
+    A head fitted in closed form (:func:`trials.head_options.is_closed_form`)
+    ignores the loss and optimiser fields (``CLOSED_FORM_IGNORED``): every value
+    of such a dimension runs one and the same trial (a λ sweep over CSA runs CSA
+    without R_S each time), which a sweep should not silently pretend to vary.
+    """
+    from trials.config import CLOSED_FORM_IGNORED
+    from trials.head_options import is_closed_form
+
+    seen: dict[tuple[str, str], set] = {}
+    for combo in grid.combinations():
+        values = {**training, **combo.values}
+        head = values.get("head", TrialConfig.head)
+        if not is_closed_form(head):
+            continue
+        kept = json.dumps({k: v for k, v in values.items() if k not in CLOSED_FORM_IGNORED},
+                          sort_keys=True, default=str) + str(combo.layers)
+        for name in CLOSED_FORM_IGNORED:
+            if name in grid.sample:
+                _closed_form_error(head, name, "sampled values", f"{path}.{name}")
+            seen.setdefault((kept, name), set()).add(json.dumps(values.get(name), default=str))
+            if len(seen[(kept, name)]) > 1:
+                _closed_form_error(head, name, "values", f"{path}.{name}")
+
+
+def _closed_form_error(head: str, name: str, what: str, path: str) -> None:
+    raise SpecError(
+        f"head {head!r} is fitted in closed form and ignores {name} (and every other loss and "
+        f"optimiser field), so all {what} of this dimension run one and the same {head} trial; "
+        f"set the head's own options in head_options instead (CSA's R_S is head_options: "
+        f"{{refine: true, lambda_rs: 10}}), or vary {name} in a grid of trained heads "
+        f"(e.g. head: linear)", path=path)
 
 
 def unfold(point: dict) -> Combination:
@@ -210,10 +261,14 @@ def _name(grid: dict, path: str) -> str:
     return name
 
 
-def _as_list(key: str, value: Any) -> list:
+def _as_list(key: str, value: Any, path: str) -> list:
     """A dimension's values: a list is every value, anything else one value
-    (``head_options`` is one mapping; ``layers: [i, j]`` is one pair)."""
+    (``head_options`` is one mapping; ``layers: [i, j]`` is one pair). An empty
+    list is an error: the grid would expand to no trial and vanish from the sweep."""
     one = not isinstance(value, list) or key == "head_options" or (key == "layers" and is_layer_pair(value))
+    if value == []:
+        raise SpecError("an empty list: this grid would plan no trial at all (and silently drop "
+                        "out of the count); give at least one value, or remove the key", path=path)
     return [value] if one else value
 
 

@@ -22,13 +22,14 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
-from orchestrator.config import SpecError, from_dict
+from orchestrator.config import SpecError, check_device, check_finite, check_min, from_dict
 from orchestrator.durable import atomic_write_bytes
 from orchestrator.encoders import DTYPES as ENCODER_DTYPES
 from orchestrator.env_vars import substitute_env, unresolved_variables
-from orchestrator.grids import Grid, check_head, parse_grids
+from orchestrator.grids import Grid, check_closed_form, check_head, parse_grids
 from orchestrator.schema import SPEC_FILE, choose_headline, default_mode, metric_names
 from orchestrator.tune_settings import TuneSpec
+from orchestrator.validation import World, check_world
 from trials.config import TrialConfig
 from trials.registry import did_you_mean
 
@@ -55,6 +56,10 @@ class EncoderSpec:
             split_name(self.name)
         except UnknownEncoderError as err:
             raise SpecError(str(err), path="name") from None
+        check_device(self.device, "device")
+        check_min(self.batch_size, 1, "batch_size")
+        check_min(self.num_gpus, 0, "num_gpus")
+        check_min(self.num_cpus, 0, "num_cpus")  # Ray accepts an actor that reserves no CPU
 
 
 @dataclass
@@ -113,6 +118,13 @@ class SimilaritySpec:
     normalize: bool = True
     seed: int = 0
 
+    def __post_init__(self):
+        # k against the sample size needs the training split: orchestrator.validation
+        if isinstance(self.k, int):
+            check_min(self.k, 1, "k")
+        check_min(self.n_samples, 1, "n_samples")
+        check_min(self.seed, 0, "seed")
+
 
 @dataclass
 class SweepSpec:
@@ -135,8 +147,16 @@ class SweepSpec:
 
     def __post_init__(self):
         from_dict(TrialConfig, self.training, path="training")
+        for key in ("image_layer", "text_layer"):  # every grid's layer rule would overwrite it
+            if key in self.training:
+                raise SpecError("layer pairs are chosen per grid: remove it and write "
+                                "`layers: [image_layer, text_layer]` (or a rule: similar, last, "
+                                "all, ...) in the grids", path=f"training.{key}")
         if "head" in self.training:
             check_head(self.training["head"], "training.head")
+        for i, grid in enumerate(self.search):
+            _check_merged(grid, self.training, f"search[{i}]")
+            check_closed_form(grid, self.training, f"search[{i}]")
         _check_num_samples(self)
         search = self.tune.search_config
         search.metric, search.mode = _objective(self)
@@ -152,6 +172,19 @@ class SweepSpec:
 
 
 # --- checks across sections -----------------------------------------------------
+
+def _check_merged(grid: Grid, training: dict, path: str) -> None:
+    """Every combination as the planner builds it: the training defaults, then the
+    preset's values, then the grid's. A grid's values alone may each be fine while
+    their mix is not (``head: linear`` under ``training.head_options: {rank: 4}``),
+    and the planner would only find out once Ray is up."""
+    for combo in grid.combinations():
+        values = {**training, **combo.values}
+        from_dict(TrialConfig, values, path=path)
+        for key, dim in grid.sample.items():
+            for example in dim.examples():
+                from_dict(TrialConfig, {**values, key: example}, path=path)
+
 
 def _check_num_samples(spec: "SweepSpec") -> None:
     """``num_samples`` only draws sampled dimensions (or Optuna trials); on a
@@ -196,8 +229,10 @@ def _objective(spec: "SweepSpec") -> tuple[str, str]:
 
 # --- loading -------------------------------------------------------------------
 
-def check_runnable(spec: SweepSpec) -> None:
-    """Reject, before any Ray work, a spec whose variables are still unset."""
+def check_runnable(spec: SweepSpec) -> World:
+    """Reject, before any Ray work, a spec whose variables are still unset, or that
+    the world contradicts (:func:`orchestrator.validation.check_world`: layer
+    counts, dataset sizes and paths, model names); returns what was learnt."""
     missing = unresolved_variables(spec.raw)
     if missing:
         where = "; ".join(f"{p} uses ${{{v}}}" for p, v in missing)
@@ -205,12 +240,14 @@ def check_runnable(spec: SweepSpec) -> None:
         raise SpecError(f"environment variables not set: {where}. Set them (e.g. `export {names}`) "
                         "to the dataset/model paths, or write the paths into the spec",
                         source=spec.source)
+    return check_world(spec)
 
 
 def _validate(data: Any, source: str) -> SweepSpec:
     if not isinstance(data, dict):
         raise SpecError("a spec must be a YAML mapping", source=source)
     try:
+        check_finite(data)
         spec = from_dict(SweepSpec, data)
     except SpecError as err:
         raise SpecError(err.reason, path=err.path, source=source) from None
@@ -224,13 +261,25 @@ def load_spec(path: str | Path, overrides: dict | None = None) -> SweepSpec:
     if not path.is_file():
         raise SpecError(f"spec file not found: {path}", source=str(path))
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise SpecError(f"not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset {err.start}); "
+                        "save the spec as UTF-8", source=str(path)) from None
     except yaml.YAMLError as err:
-        raise SpecError(f"not valid YAML: {err}", source=str(path)) from None
+        raise SpecError(f"not valid YAML: {_yaml_problem(err)}", source=str(path)) from None
     if not isinstance(data, dict):
         raise SpecError("a spec must be a YAML mapping", source=str(path))
     data = substitute_env({**data, **(overrides or {})})
     return _validate(data, str(path))
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """PyYAML's error in one line: what and where (its own text spans several)."""
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None) or str(err)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+    context = getattr(err, "context", None)
+    return f"{problem}{where}" + (f" ({context})" if context else "")
 
 
 def save_spec(spec: SweepSpec, run_dir: Path) -> None:

@@ -11,7 +11,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
-from orchestrator.config import SpecError, from_flat
+from orchestrator.config import SpecError, check_device, check_min, from_flat
 
 
 @dataclass
@@ -21,6 +21,11 @@ class AshaSpec:
     grace_period: int = 5  # epochs every trial runs before it may be stopped
     reduction_factor: float = 3.0
     max_t: Optional[int] = None  # default: the trials' ``epochs``
+
+    def __post_init__(self):
+        check_min(self.grace_period, 1, "grace_period")
+        check_min(self.reduction_factor, 1, "reduction_factor", strict=True)  # 1 would stop nothing
+        check_min(self.max_t, 1, "max_t")
 
 
 @dataclass
@@ -38,6 +43,7 @@ class SearchConfig:
     def __post_init__(self):
         if self.num_samples < 1:
             raise SpecError(f"must be >= 1, got {self.num_samples}", path="num_samples")
+        check_min(self.seed, 0, "seed")  # numpy's and Optuna's seeds are non-negative
 
 
 @dataclass
@@ -62,6 +68,11 @@ class RunConfig:
             raise SpecError("must be >= 0", path="max_failures")
         if self.cpus_per_trial <= 0 or self.gpus_per_trial < 0:
             raise SpecError("cpus_per_trial must be > 0 and gpus_per_trial >= 0", path="cpus_per_trial")
+        check_min(self.max_concurrent_trials, 0, "max_concurrent_trials",
+                  hint="0 runs as many trials at once as the cluster's CPUs/GPUs allow")
+        check_min(self.flush_seconds, 0, "flush_seconds", strict=True)
+        check_min(self.feature_memory_gb, 0, "feature_memory_gb", strict=True)
+        check_device(self.device, "device")
 
     @property
     def trial_device(self) -> str:

@@ -20,11 +20,14 @@ from orchestrator.datasets.base import (  # noqa: F401
     DATASETS,
     KIND_FIELDS,
     DatasetError,
+    DatasetOptionError,
     Split,
+    SplitIndex,
     dataset_names,
     fingerprint,
     load_split,
     register_dataset,
+    split_index,
 )
 
 # Importing these registers the built-in datasets.

@@ -4,6 +4,7 @@ the package can import them without an import cycle."""
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from dataclasses import field as dataclass_field
 from typing import Any, Callable, Optional, Sequence
@@ -11,11 +12,30 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 
 from orchestrator.keys import content_key
-from trials.registry import Registry
+from trials.registry import Registry, did_you_mean
 
 
 class DatasetError(ValueError):
     """A dataset that cannot be loaded; the message names it and the fix."""
+
+
+class DatasetOptionError(DatasetError):
+    """A dataset reference that cannot work (a path that does not exist, ...);
+    ``key`` names the culprit relative to the reference (``options.root``,
+    ``split``), so a spec error can point at it."""
+
+    def __init__(self, message: str, key: str):
+        super().__init__(message)
+        self.key = key
+
+
+@dataclass(frozen=True)
+class SplitIndex:
+    """What is known of a split without loading it: its number of (image, caption)
+    pairs (None: known only at run time) and how that was found out (or why not)."""
+
+    pairs: Optional[int]
+    source: str
 
 
 # Name -> factory ``f(split, **options) -> Split``, with metadata ``kind``.
@@ -70,13 +90,15 @@ class Split:
         return self.fingerprint
 
 
-def register_dataset(name: str, *, kind: str = "paired") -> Callable:
+def register_dataset(name: str, *, kind: str = "paired", index: Optional[Callable] = None) -> Callable:
     """Decorator: ``@register_dataset("coco")`` on a factory ``f(split, **options)``;
     ``kind`` says which fields its splits fill (:data:`KIND_FIELDS`). A name
-    registered twice is an error."""
+    registered twice is an error. ``index(split, options, count) -> SplitIndex``
+    checks a split's paths and, with ``count``, counts its pairs cheaply (from
+    annotation files, never decoding an image): what validation knows before a run."""
     if kind not in KIND_FIELDS:
         raise ValueError(f"dataset {name!r}: kind must be one of {sorted(KIND_FIELDS)}, not {kind!r}")
-    return DATASETS.register(name, kind=kind)
+    return DATASETS.register(name, kind=kind, index=index)
 
 
 def dataset_names() -> list[str]:
@@ -92,6 +114,28 @@ def load_split(dataset: str, split: str, options: dict | None = None) -> Split:
         if "unexpected keyword" not in str(err):
             raise
         raise DatasetError(f"dataset {dataset!r}: {err}") from err
+
+
+def split_index(dataset: str, split: str, options: dict, *, count: bool) -> SplitIndex:
+    """The registered dataset's cheap :class:`SplitIndex` of ``split``; DatasetError
+    (DatasetOptionError naming the option) for what would fail when it is loaded."""
+    _check_options(dataset, options)
+    index = DATASETS.meta(dataset).get("index")
+    if index is None:
+        return SplitIndex(None, f"unknown until run (dataset {dataset!r} has no cheap index)")
+    return index(split, dict(options), count)
+
+
+def _check_options(dataset: str, options: dict) -> None:
+    """Option names against the factory's keywords (a typo fails at load time otherwise)."""
+    params = inspect.signature(DATASETS.get(dataset)).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return  # passes its options on (torchvision classes): not checkable here
+    allowed = [n for n in params if n != "split"]
+    for key in options:
+        if key not in allowed:
+            raise DatasetOptionError(f"dataset {dataset!r} has no option {key!r}"
+                                     f"{did_you_mean(key, allowed)}; options: {', '.join(allowed)}", f"options.{key}")
 
 
 def fingerprint(*parts: Any) -> str:

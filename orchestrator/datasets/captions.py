@@ -14,14 +14,22 @@ order: the official STRUCTURE training set (``drop_duplicates`` with
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Optional
 
 import numpy as np
 
-from orchestrator.datasets.base import DatasetError, Split, fingerprint, register_dataset
-from orchestrator.datasets.files import ImageFiles, files_identity, require
+from orchestrator.datasets.base import (
+    DatasetError,
+    DatasetOptionError,
+    Split,
+    SplitIndex,
+    fingerprint,
+    register_dataset,
+)
+from orchestrator.datasets.files import ImageFiles, files_identity, require, require_option
 
 CAPTIONS_VERSION = 1  # bump when the meaning of rows or order changes
 CAPTION_MODES = ("first", "all")
@@ -78,10 +86,72 @@ def caption_split(dataset: str, rows: Rows, *, captions: str, base: Path, layout
                  field_fingerprints={"images": image_id})
 
 
+def count_pairs(images: Iterable, captions: str, max_images: Optional[int]) -> int:
+    """The pairs :func:`caption_split` keeps of rows naming ``images`` (in source
+    order), counted without building the split or touching an image."""
+    seen: set = set()
+    pairs = 0
+    for image in images:
+        if image not in seen:
+            if max_images is not None and len(seen) >= max_images:
+                continue
+            seen.add(image)
+            pairs += 1
+        elif captions == "all":
+            pairs += 1
+    return pairs
+
+
+def _with_defaults(dataset: str, factory: Callable, options: dict) -> dict:
+    """``options`` over the factory's defaults, ``captions`` checked."""
+    params = inspect.signature(factory).parameters.items()
+    merged = {**{k: p.default for k, p in params if p.default is not inspect.Parameter.empty}, **options}
+    if merged["captions"] not in CAPTION_MODES:
+        raise DatasetOptionError(f"dataset {dataset!r}: captions must be one of {list(CAPTION_MODES)}, "
+                                 f"not {merged['captions']!r}", "options.captions")
+    return merged
+
+
+def _indexed(rows: Rows, o: dict, what: str) -> SplitIndex:
+    return SplitIndex(count_pairs((path for path, _ in rows), o["captions"], o["max_images"]),
+                      f"{what}, captions: {o['captions']}")
+
+
+def _default_path(dataset: str, path: Path, why: str, layout: str) -> Path:
+    if not path.exists():
+        raise DatasetOptionError(f"dataset {dataset!r}: {str(path)!r} ({why}) does not exist. {layout}",
+                                 "options.root")
+    return path
+
+
 # --- COCO ------------------------------------------------------------------------
 
 
-@register_dataset("coco")
+def coco_index(split: str, options: dict, count: bool) -> SplitIndex:
+    """COCO's paths; with ``count``, its pairs from the annotation (or Karpathy) JSON."""
+    o = _with_defaults("coco", coco, options)
+    if o["root"] is not None:
+        require_option("coco", o, "root", COCO_LAYOUT)
+    if o["karpathy"] is not None:
+        file = require_option("coco", o, "karpathy", COCO_LAYOUT)
+        if not count:
+            return SplitIndex(None, "paths checked")
+        rows = _karpathy_rows("coco", str(file), split, o["root"], COCO_LAYOUT, restval=o["restval"])
+        return _indexed(rows, o, f"Karpathy file {file.name}")
+    if o["root"] is None and (o["annotations"] is None or o["images"] is None):
+        raise DatasetOptionError(f"dataset 'coco' needs option 'root' (or 'annotations' and 'images', "
+                                 f"or 'karpathy'). {COCO_LAYOUT}", "options.root")
+    root, tag = Path(str(o["root"] or "")).expanduser(), f"{split}{o['year']}"
+    paths = [require_option("coco", o, key, COCO_LAYOUT) if o[key] is not None
+             else _default_path("coco", default, f"split {split!r}, year {o['year']}", COCO_LAYOUT)
+             for key, default in (("annotations", root / "annotations" / f"captions_{tag}.json"),
+                                  ("images", root / tag))]
+    if not count:
+        return SplitIndex(None, "paths checked")
+    return _indexed(_coco_rows(*paths), o, f"annotations {paths[0].name}")
+
+
+@register_dataset("coco", index=coco_index)
 def coco(split: str, *, root: Optional[str] = None, annotations: Optional[str] = None,
          images: Optional[str] = None, year: int = 2014, karpathy: Optional[str] = None,
          restval: bool = True, captions: str = "first", max_images: Optional[int] = None) -> Split:
@@ -134,7 +204,28 @@ def _read_json(dataset: str, path: Path, layout: str) -> dict:
 # --- Flickr30k ---------------------------------------------------------------------
 
 
-@register_dataset("flickr30k")
+def flickr30k_index(split: str, options: dict, count: bool) -> SplitIndex:
+    """Flickr30k's paths; with ``count``, its pairs from the caption table or Karpathy file."""
+    o = _with_defaults("flickr30k", flickr30k, options)
+    base = require_option("flickr30k", o, "root", FLICKR_LAYOUT)
+    image_dir = require_option("flickr30k", o, "images", FLICKR_LAYOUT) if o["images"] else \
+        _flickr_image_dir(base)
+    if o["karpathy"] is not None:
+        require_option("flickr30k", o, "karpathy", FLICKR_LAYOUT)
+    karpathy = o["karpathy"] or _existing(base / "dataset_flickr30k.json", o["captions_file"])
+    table = None if karpathy else (require_option("flickr30k", o, "captions_file", FLICKR_LAYOUT)
+                                   if o["captions_file"] else
+                                   _default_path("flickr30k", base / "results.csv", "the caption table",
+                                                 FLICKR_LAYOUT))
+    if not count:
+        return SplitIndex(None, "paths checked")
+    if karpathy:
+        rows = _karpathy_rows("flickr30k", karpathy, split, str(image_dir), FLICKR_LAYOUT, restval=False)
+        return _indexed(rows, o, f"Karpathy file {Path(karpathy).name}")
+    return _indexed(_flickr_csv_rows(table, image_dir, split), o, f"rows of {table.name}")
+
+
+@register_dataset("flickr30k", index=flickr30k_index)
 def flickr30k(split: str, *, root: Optional[str] = None, images: Optional[str] = None,
               captions_file: Optional[str] = None, karpathy: Optional[str] = None,
               captions: str = "all", max_images: Optional[int] = None) -> Split:
@@ -175,7 +266,23 @@ def _flickr_csv_rows(table: Path, image_dir: Path, split: str) -> Rows:
 # --- a generic paired table ------------------------------------------------------
 
 
-@register_dataset("pairs")
+def pairs_index(split: str, options: dict, count: bool) -> SplitIndex:
+    """The table's path; with ``count``, its rows of ``split`` (no image is opened)."""
+    o = _with_defaults("pairs", pairs, options)
+    table = require_option("pairs", o, "path", PAIRS_LAYOUT)
+    if o["image_root"] is not None:
+        require_option("pairs", o, "image_root", PAIRS_LAYOUT)
+    if not count:
+        return SplitIndex(None, "paths checked")
+    frame = _read_table(table)
+    for col in (o["image_column"], o["caption_column"]):
+        _column(frame, (col,), "pairs")
+    frame = _select_split(frame, o["split_column"], split, "pairs")
+    return SplitIndex(count_pairs(frame[o["image_column"]], o["captions"], o["max_images"]),
+                      f"rows of {table.name}, captions: {o['captions']}")
+
+
+@register_dataset("pairs", index=pairs_index)
 def pairs(split: str, *, path: Optional[str] = None, image_column: str = "image",
           caption_column: str = "caption", split_column: Optional[str] = None,
           image_root: Optional[str] = None, captions: str = "all",

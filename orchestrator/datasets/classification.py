@@ -24,12 +24,20 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from orchestrator.datasets.base import DatasetError, Split, fingerprint, register_dataset
+from orchestrator.datasets.base import (
+    DatasetError,
+    DatasetOptionError,
+    Split,
+    SplitIndex,
+    fingerprint,
+    register_dataset,
+)
 from orchestrator.datasets.files import (
     ImageFiles,
     LazyImages,
     files_identity,
     require,
+    require_option,
     tree_identity,
 )
 from orchestrator.datasets.templates import (
@@ -148,8 +156,36 @@ def _labels(dataset: Any) -> np.ndarray:
     return np.asarray([dataset[i][1] for i in range(len(dataset))], dtype=np.int64)
 
 
+# The published sizes of the official splits (images; one pair each): what
+# validation checks n_train against without opening torchvision's files.
+PUBLISHED_SIZES = {
+    "cifar10": {"train": 50000, "test": 10000}, "cifar100": {"train": 50000, "test": 10000},
+    "stl10": {"train": 5000, "test": 8000}, "food101": {"train": 75750, "test": 25250},
+    "pets": {"train": 3680, "trainval": 3680, "test": 3669},
+    "flowers": {"train": 1020, "val": 1020, "test": 6149},
+    "dtd": {"train": 1880, "val": 1880, "test": 1880}, "mnist": {"train": 60000, "test": 10000},
+}
+
+
+def torchvision_index(name: str, split: str, options: dict, count: bool) -> SplitIndex:
+    """The root and its dataset folder exist; the split's published size (capped by ``max_images``)."""
+    source = TORCHVISION[name]
+    root = require_option(name, options, "root", f"expected <root>/{source.folder}/ ({source.files})")
+    if not (root / source.folder).is_dir():
+        raise DatasetOptionError(f"dataset {name!r}: {str(root / source.folder)!r} does not exist; "
+                                 f"expected <root>/{source.folder}/ holding {source.files}", "options.root")
+    if split not in source.splits:
+        raise DatasetOptionError(f"dataset {name!r} has splits {sorted(source.splits)}, not {split!r}", "split")
+    size, cap = PUBLISHED_SIZES.get(name, {}).get(split), options.get("max_images")
+    if size is None:
+        return SplitIndex(None, "unknown until run")
+    return SplitIndex(size if cap is None else min(size, cap),
+                      f"published size of torchvision {source.cls} {split!r}")
+
+
 for _name in TORCHVISION:
-    register_dataset(_name, kind="classification")(functools.partial(torchvision_split, _name))
+    register_dataset(_name, kind="classification", index=functools.partial(torchvision_index, _name))(
+        functools.partial(torchvision_split, _name))
 
 
 # --- a generic image folder -------------------------------------------------------
@@ -159,7 +195,21 @@ IMAGE_FOLDER_LAYOUT = """expected image-folder layout: <root>/<split>/<class>/<i
 extensions .jpg .jpeg .png .bmp .gif .webp .tif .tiff .ppm."""
 
 
-@register_dataset("image_folder", kind="classification")
+def image_folder_index(split: str, options: dict, count: bool) -> SplitIndex:
+    """The split folder exists; with ``count``, its image files (listed, never opened)."""
+    base = require_option("image_folder", options, "root", IMAGE_FOLDER_LAYOUT)
+    split_dir = base if split == "all" else base / split
+    if not split_dir.is_dir():
+        raise DatasetOptionError(f"dataset 'image_folder': split folder {str(split_dir)!r} does not "
+                                 f"exist. {IMAGE_FOLDER_LAYOUT}", "options.root")
+    if not count:
+        return SplitIndex(None, "paths checked")
+    folders = sorted(e.name for e in os.scandir(split_dir) if e.is_dir() and not e.name.startswith("."))
+    n, cap = len(_folder_images(split_dir, folders)[0]), options.get("max_images")
+    return SplitIndex(n if cap is None else min(n, cap), f"image files under {split_dir.name}/")
+
+
+@register_dataset("image_folder", kind="classification", index=image_folder_index)
 def image_folder(split: str, *, root: Optional[str] = None, class_names=None, templates=None,
                  extended_prompts: bool = True, max_images: Optional[int] = None,
                  seed: int = 0) -> Split:

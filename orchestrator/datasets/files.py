@@ -20,7 +20,7 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
-from orchestrator.datasets.base import DatasetError
+from orchestrator.datasets.base import DatasetError, DatasetOptionError
 
 
 class LazyImages(Sequence):
@@ -67,6 +67,19 @@ def require(dataset: str, path: str | os.PathLike | None, layout: str, what: str
     path = Path(path).expanduser()
     if not path.exists():
         raise DatasetError(f"dataset {dataset!r}: {what} {str(path)!r} does not exist.\n{layout}")
+    return path
+
+
+def require_option(dataset: str, options: dict, key: str, layout: str) -> Path:
+    """The existing path of option ``key``; a DatasetOptionError naming it otherwise
+    (for validation: the same check :func:`require` makes when the split loads)."""
+    value = options.get(key)
+    if value is None:
+        raise DatasetOptionError(f"dataset {dataset!r} needs option {key!r}. {layout}", f"options.{key}")
+    path = Path(str(value)).expanduser()
+    if not path.exists():
+        raise DatasetOptionError(f"dataset {dataset!r}: {key} {str(path)!r} does not exist. {layout}",
+                                 f"options.{key}")
     return path
 
 

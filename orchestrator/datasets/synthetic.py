@@ -4,13 +4,37 @@ from __future__ import annotations
 
 import numpy as np
 
-from orchestrator.datasets.base import DatasetError, Split, fingerprint, register_dataset
+import inspect
+
+from orchestrator.datasets.base import (
+    DatasetError,
+    DatasetOptionError,
+    Split,
+    SplitIndex,
+    fingerprint,
+    register_dataset,
+)
 
 SYNTHETIC_VERSION = 1
 _SPLIT_OFFSETS = {"train": 1, "val": 2, "test": 3}
 
 
-@register_dataset("synthetic", kind="classification")
+def synthetic_index(split: str, options: dict, count: bool) -> SplitIndex:
+    """Its size is an option: ``size`` images x ``captions_per_image`` pairs."""
+    if split not in _SPLIT_OFFSETS:
+        raise DatasetOptionError(f"synthetic dataset has splits {list(_SPLIT_OFFSETS)}, not {split!r}",
+                                 "split")
+    defaults = {k: p.default for k, p in inspect.signature(synthetic).parameters.items()}
+    size, per_image = (options.get(k, defaults[k]) for k in ("size", "captions_per_image"))
+    for key, value in (("size", size), ("captions_per_image", per_image)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise DatasetOptionError(f"synthetic dataset: {key} must be an integer >= 1, "
+                                     f"got {value!r}", f"options.{key}")
+    where = "options.size" if "size" in options else f"default size {size}"
+    return SplitIndex(size * per_image, where + (f" x captions_per_image {per_image}" if per_image > 1 else ""))
+
+
+@register_dataset("synthetic", kind="classification", index=synthetic_index)
 def synthetic(split: str, *, size: int = 2000, n_classes: int = 10, latent_dim: int = 16,
               noise_dim: int = 32, captions_per_image: int = 1, templates: int = 4,
               class_spread: float = 1.2, caption_noise: float = 0.2, seed: int = 0) -> Split:

@@ -9,6 +9,7 @@ one way to make an encoder from a name.
 from __future__ import annotations
 
 import abc
+import dataclasses
 import hashlib
 import importlib
 import json
@@ -35,6 +36,15 @@ _PATH_PREFIXES = ("/", "./", "../", "~")
 
 class UnknownEncoderError(ValueError):
     """An encoder name whose prefix no one registered."""
+
+
+class EncoderOptionError(ValueError):
+    """An encoder setting that cannot work; ``key`` names it relative to the
+    encoder's spec entry (``pool``, ``options.arch``), so a spec error can point at it."""
+
+    def __init__(self, message: str, key: str):
+        super().__init__(message)
+        self.key = key
 
 
 # Prefix -> factory ``f(rest, *, pool, dtype, device, **options) -> Encoder``.
@@ -116,10 +126,39 @@ def snapshot_commit(path: str | os.PathLike | None) -> str | None:
     return None
 
 
+@dataclasses.dataclass(frozen=True)
+class EncoderInfo:
+    """What is known of an encoder without loading its weights: its number of
+    layers (None: known only once it is loaded) and where that came from (or why
+    it is unknown), plus a note on its weights when they cannot be checked."""
+
+    num_layers: int | None
+    source: str
+    weights: str = ""
+
+
+def describe_encoder(name: str, *, pool: str | None = None, options: dict | None = None) -> EncoderInfo:
+    """The prefix's cheap ``describe(rest, pool, options)`` (registered as metadata):
+    layer count from the model's config, never its weights. Raises what building
+    it would raise for a name or option that cannot work (UnknownEncoderError,
+    EncoderWeightsMissing for a local path that does not exist, ValueError)."""
+    prefix, rest = split_name(name)
+    _factory(prefix)
+    describe = ENCODERS.meta(prefix).get("describe")
+    if describe is None:
+        return EncoderInfo(None, f"unknown until run (encoder prefix {prefix!r} has no cheap description)")
+    if isinstance(describe, str):  # "module:function", imported when first needed
+        module, _, attr = describe.partition(":")
+        describe = getattr(importlib.import_module(module), attr)
+    return describe(rest, pool, dict(options or {}))
+
+
 def register_encoder(prefix: str, **meta: Any) -> Callable:
     """Decorator: ``@register_encoder("timm")`` on a factory ``f(rest, **kw)``;
     a prefix registered twice is an error, and so is a built-in prefix taken
-    by another module before its own module was (lazily) imported."""
+    by another module before its own module was (lazily) imported. Metadata
+    ``describe=f(rest, pool, options) -> EncoderInfo`` (or its ``"module:name"``)
+    tells validation the layer count without loading weights (:func:`describe_encoder`)."""
     add = ENCODERS.register(prefix, **meta)
 
     def deco(factory: Callable[..., Encoder]) -> Callable[..., Encoder]:

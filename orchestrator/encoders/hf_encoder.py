@@ -47,6 +47,8 @@ from transformers import AutoModel, AutoTokenizer
 from orchestrator.encoders import (
     _PATH_PREFIXES,
     Encoder,
+    EncoderInfo,
+    EncoderOptionError,
     EncoderWeightsMissing,
     _jsonable,
     register_encoder,
@@ -84,7 +86,32 @@ def _quiet_progress_bars() -> None:
 _quiet_progress_bars()
 
 
-@register_encoder("hf")
+def describe_hf(rest: str, pool: str | None, options: dict) -> EncoderInfo:
+    """The layer count of ``hf:<rest>`` from its ``config.json`` (AutoConfig: a local
+    folder, or the local Hugging Face cache; validate never downloads)."""
+    for key, value, allowed in (("pool", pool or "mean", POOLS),
+                                ("options.padding_side", options.get("padding_side", "left"), PADDING_SIDES),
+                                ("options.positions", options.get("positions", "mask"), POSITIONS)):
+        if value not in allowed:
+            raise EncoderOptionError(f"hf encoder: unknown {key.split('.')[-1]} {value!r}, expected "
+                                     f"one of {list(allowed)}", key)
+    local = _local_dir(rest)  # a path that does not exist raises EncoderWeightsMissing
+    from transformers import AutoConfig
+
+    kwargs = {k: options[k] for k in _TOKENIZER_OPTIONS if k in options}
+    try:
+        config = AutoConfig.from_pretrained(str(local or rest), local_files_only=True, **kwargs)
+    except (OSError, ValueError) as err:
+        if local is not None:  # loading it fails the same way
+            raise EncoderWeightsMissing(_missing_message(rest, local, err)) from None
+        return EncoderInfo(None, f"unknown until run: 'hf:{rest}' is not in the local Hugging Face "
+                                 "cache (validate never downloads)")
+    where = "config.json of the local folder" if local else "config.json in the Hugging Face cache"
+    return EncoderInfo(int(config.get_text_config().num_hidden_layers) + 1,
+                       f"{where}: num_hidden_layers + 1 (layer 0 = embeddings)")
+
+
+@register_encoder("hf", describe=describe_hf)
 def build_hf_encoder(rest: str, *, pool: str | None = None, dtype: str = "float32",
                      device: str = "cpu", padding_side: str = "left", max_length: int | None = None,
                      positions: str = "mask", **options: Any) -> "HFEncoder":

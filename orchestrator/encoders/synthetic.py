@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from orchestrator.encoders import Encoder, register_encoder
+import inspect
+
+from orchestrator.encoders import Encoder, EncoderInfo, EncoderOptionError, register_encoder
 
 _MODALITIES = {"image": 11, "text": 23}  # seed offsets: the two encoders differ
 
@@ -61,7 +63,27 @@ class PlantedEncoder(Encoder):
         return {"encoder": f"synthetic:{self.modality}", "version": 1, **self.options}
 
 
-@register_encoder("synthetic")
+def describe_synthetic(rest: str, pool, options: dict) -> EncoderInfo:
+    """Built for real: a planted encoder is a few small matrices, and building it
+    checks every option exactly as the run will."""
+    if rest not in _MODALITIES:
+        raise EncoderOptionError(f"synthetic encoder must be 'synthetic:image' or 'synthetic:text', "
+                                 f"not 'synthetic:{rest}'", "name")
+    allowed = [p for p in inspect.signature(PlantedEncoder).parameters if p != "modality"]
+    for key in options:
+        if key not in allowed:
+            raise EncoderOptionError(f"synthetic encoder has no option {key!r}; options: "
+                                     f"{', '.join(allowed)}", f"options.{key}")
+    try:
+        encoder = PlantedEncoder(rest, **options)
+    except (TypeError, ValueError) as err:  # a value of the wrong type or out of range
+        named = [key for key in options if key in str(err)]  # the option the message names
+        raise EncoderOptionError(f"synthetic encoder: {err}", ".".join(["options", *named[:1]])) from None
+    where = "options.layers" if "layers" in options else "the synthetic default"
+    return EncoderInfo(encoder.num_layers, where)
+
+
+@register_encoder("synthetic", describe=describe_synthetic)
 def _build(rest: str, *, pool=None, dtype="float32", device="cpu", **options) -> PlantedEncoder:
     if rest not in _MODALITIES:
         raise ValueError(f"synthetic encoder must be 'synthetic:image' or 'synthetic:text', "

@@ -78,7 +78,7 @@ class _Source:
     weights: dict = dataclasses.field(default_factory=dict)  # local weights, known before loading
 
 
-@register_encoder("timm")
+@register_encoder("timm", describe="orchestrator.encoders.timm_config:describe_timm")
 def build_timm_encoder(rest: str, *, pool: str | None = None, dtype: str = "float32",
                        device: str = "cpu", **options: Any) -> "TimmEncoder":
     """Factory behind ``build_encoder("timm:<rest>")``."""

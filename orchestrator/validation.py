@@ -1,0 +1,205 @@
+"""World checks: what a spec says, against what can be known without Ray.
+
+The spec's own checks (types, ranges, names: :mod:`orchestrator.spec`) run when
+it loads; :func:`check_world` runs after them and before any Ray work (from
+:func:`orchestrator.spec.check_runnable`, and in ``structure-sweep validate``).
+It looks at the world cheaply: encoder names and layer counts from model
+configs (never weights), dataset paths and the training split's size from
+annotation files (never images), then at the values that depend on them:
+explicit layer pairs, ``n_train``, the similarity ``k``. What cannot be known
+yet (a Hub model not in the local cache, a path behind an unset variable) is
+said in :attr:`World.notes` instead. Every rejection is a :class:`SpecError`
+naming the file, the key path and the fix.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Iterator, Optional
+
+from orchestrator.config import SpecError
+from orchestrator.datasets import DatasetError, DatasetOptionError, SplitIndex, split_index
+from orchestrator.encoders import (
+    EncoderInfo,
+    EncoderOptionError,
+    EncoderWeightsMissing,
+    UnknownEncoderError,
+    describe_encoder,
+)
+from orchestrator.env_vars import unresolved_variables
+
+if TYPE_CHECKING:
+    from orchestrator.spec import DatasetRef, SweepSpec
+
+# kNN metrics and their least k: trials.similarity.METRICS' ``uses_k``/``min_k``,
+# restated here because that module loads torch and validation must not
+# (tests/orchestrator/test_validation.py keeps the two in step).
+KNN_MIN_K = {"mutual_knn": 1, "cycle_knn": 1, "cknna": 2}
+_RULE_SAMPLES = 100  # below this many samples a named k rule may not fit: compute it
+
+
+@dataclass
+class World:
+    """What :func:`check_world` found out: layer counts, the training split's size,
+    and the things only the run can tell."""
+
+    encoders: dict[str, EncoderInfo]  # "image"/"text" -> layer count and its source
+    train: SplitIndex
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def num_layers(self) -> Optional[tuple[int, int]]:
+        counts = (self.encoders["image"].num_layers, self.encoders["text"].num_layers)
+        return None if None in counts else counts
+
+
+def check_world(spec: SweepSpec) -> World:
+    """The checks of the module docstring; SpecError on the first problem."""
+    try:
+        notes: list[str] = []
+        world = World(_encoders(spec, notes), _data(spec, notes), notes)
+        _check_layer_pairs(spec, world)
+        _check_n_train(spec, world)
+        _check_k(spec, world)
+    except SpecError as err:
+        raise SpecError(err.reason, path=err.path, source=spec.source) from None
+    return world
+
+
+# --- encoders ---------------------------------------------------------------------------
+
+def _encoders(spec: SweepSpec, notes: list[str]) -> dict[str, EncoderInfo]:
+    found = {}
+    for role in ("image", "text"):
+        enc, path = getattr(spec.encoders, role), f"encoders.{role}"
+        unset = _unset(enc.name, enc.options)
+        found[role] = EncoderInfo(None, f"unknown until {unset} set") if unset else \
+            _describe(enc, path)
+        if found[role].num_layers is None:
+            notes.append(f"{role} encoder {enc.name}: layer count {found[role].source}")
+        if found[role].weights:
+            notes.append(f"{role} encoder {enc.name}: {found[role].weights}")
+    return found
+
+
+def _describe(enc, path: str) -> EncoderInfo:
+    try:
+        return describe_encoder(enc.name, pool=enc.pool, options=enc.options)
+    except EncoderOptionError as err:
+        raise SpecError(str(err), path=f"{path}.{err.key}") from None
+    except (UnknownEncoderError, EncoderWeightsMissing, ValueError) as err:
+        raise SpecError(str(err), path=f"{path}.name") from None
+
+
+def _check_layer_pairs(spec: SweepSpec, world: World) -> None:
+    """Explicit ``[i, j]`` pairs within the layers (negative indices count from the end)."""
+    sides = list(zip(("image", "text"), (world.encoders["image"], world.encoders["text"])))
+    for g, grid in enumerate(spec.search):
+        for rule in grid.layer_rules():
+            if rule.kind != "pair":
+                continue
+            for (role, info), index in zip(sides, rule.pair):
+                n = info.num_layers
+                if n is not None and not -n <= index < n:
+                    raise SpecError(
+                        f"layer pair {list(rule.pair)} is out of range: the {role} encoder "
+                        f"{getattr(spec.encoders, role).name} has {n} layers ({info.source}); "
+                        f"allowed {role} layers: 0..{n - 1} (or -{n}..-1 from the end)",
+                        path=f"search[{g}].layers")
+
+
+# --- data --------------------------------------------------------------------------------
+
+def _data_refs(spec: SweepSpec) -> Iterator[tuple[str, DatasetRef]]:
+    yield "data.train", spec.data.train
+    yield "data.val", spec.data.val
+    for kind in ("zero_shot", "retrieval"):
+        for i, ref in enumerate(getattr(spec.data, kind)):
+            yield f"data.{kind}[{i}]", ref
+
+
+def _data(spec: SweepSpec, notes: list[str]) -> SplitIndex:
+    """Every set's paths; the training split's size (the only one a value depends on)."""
+    train, waiting = SplitIndex(None, "unknown until run"), []
+    for path, ref in _data_refs(spec):
+        unset = _unset(ref.options)
+        if unset:
+            waiting.append(path)
+            index = SplitIndex(None, f"unknown until {unset} set")
+        else:
+            index = _index(ref, path, count=path == "data.train")
+        train = index if path == "data.train" else train
+    if waiting:
+        notes.append(f"the paths of {', '.join(waiting)}: checked once their variables are set")
+    if train.pairs is None:
+        notes.append(f"training split size {train.source}: " + (
+            "`run` checks n_train and similarity.k against it once they are set" if waiting else
+            "n_train and similarity.k cannot be checked against it"))
+    return train
+
+
+def _index(ref: DatasetRef, path: str, count: bool) -> SplitIndex:
+    try:
+        return split_index(ref.dataset, ref.split, ref.options, count=count)
+    except DatasetOptionError as err:
+        raise SpecError(str(err), path=f"{path}.{err.key}") from None
+    except DatasetError as err:
+        raise SpecError(str(err), path=path) from None
+
+
+def _n_train_values(spec: SweepSpec) -> Iterator[tuple[str, int]]:
+    """(key path, value) of every n_train a trial may get; randint's largest draw."""
+    if spec.training.get("n_train") is not None:
+        yield "training.n_train", spec.training["n_train"]
+    for g, grid in enumerate(spec.search):
+        for value in grid.dims.get("n_train", []):
+            if value is not None:
+                yield f"search[{g}].n_train", value
+        dim = grid.sample.get("n_train")
+        if dim is not None:
+            values = dim.args if dim.kind == "choice" else [dim.args[1] - 1]
+            yield from ((f"search[{g}].n_train", v) for v in values if isinstance(v, int))
+
+
+def _check_n_train(spec: SweepSpec, world: World) -> None:
+    pairs = world.train.pairs
+    for path, value in _n_train_values(spec) if pairs is not None else ():
+        if value > pairs:
+            ref = spec.data.train
+            raise SpecError(
+                f"n_train={value} is larger than the training split: {ref.dataset}/{ref.split} has "
+                f"{pairs} pairs ({world.train.source}), so the trial would train on {pairs} pairs "
+                f"while its row says {value}; use n_train <= {pairs}, or null for every pair",
+                path=path)
+
+
+def _check_k(spec: SweepSpec, world: World) -> None:
+    """kNN metrics need 1 <= k < the rows scored (min of n_samples and the training pairs)."""
+    sim = spec.similarity
+    if sim.metric not in KNN_MIN_K:
+        return
+    pairs = world.train.pairs
+    n = sim.n_samples if pairs is None else min(sim.n_samples, pairs)
+    k = sim.k if isinstance(sim.k, int) or n >= _RULE_SAMPLES else _rule_k(n, sim.k)
+    if isinstance(k, int) and not KNN_MIN_K[sim.metric] <= k <= n - 1:
+        sample = f"similarity.n_samples={sim.n_samples}" + (
+            f" and {pairs} training pairs ({world.train.source})" if pairs is not None else "")
+        named = f"k={k}" if k == sim.k else f"k={sim.k!r} (k={k} at {n} rows)"
+        raise SpecError(f"{named} does not fit the similarity sample: {sim.metric} scores "
+                        f"{n} rows (the smaller of {sample}), which allows k in "
+                        f"[{KNN_MIN_K[sim.metric]}, {n - 1}]; lower k or score more rows",
+                        path="similarity.k")
+
+
+def _rule_k(n: int, rule: str) -> int:
+    from trials.similarity import topk_from_rule  # loads torch: only for a tiny sample
+
+    return topk_from_rule(n, rule)
+
+
+def _unset(*values) -> str:
+    """"${A} is" / "${A}, ${B} are": the variables still unset in ``values`` ("": none)."""
+    names = sorted({v for value in values for _, v in unresolved_variables(value)})
+    if not names:
+        return ""
+    return ", ".join(f"${{{v}}}" for v in names) + (" is" if len(names) == 1 else " are")
