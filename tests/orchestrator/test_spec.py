@@ -29,7 +29,7 @@ def test_demo_spec_loads_with_defaults():
     assert spec.similarity.metric == "mutual_knn" and spec.similarity.k == 10
     assert spec.tune.run_config.max_failures == 1  # a default the spec left out
     assert spec.run_dir == (Path("runs") / "demo").resolve()
-    assert count_trials(spec, (6, 6)) == (36 + 2 * 2 * 4 * 2, True)
+    assert count_trials(spec, (6, 6)) == (36 + 2 * 2 * 3 * 3 + 2 * 2 * 3, True)
 
 
 @pytest.mark.parametrize("mutate, path, words", [
