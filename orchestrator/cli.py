@@ -105,9 +105,15 @@ def _report(args) -> int:
 
 
 def _status(args) -> int:
-    from orchestrator.status import run_status
+    from orchestrator.status import run_status, watch_status
 
-    print(run_status(Path(args.run_dir)))
+    if not args.watch:
+        print(run_status(Path(args.run_dir)))
+        return 0
+    try:  # until no planned trial is pending; Ctrl-C leaves the last view on screen
+        watch_status(Path(args.run_dir), interval=args.interval)
+    except KeyboardInterrupt:
+        return 130
     return 0
 
 
@@ -137,6 +143,11 @@ def build_parser() -> argparse.ArgumentParser:
     report.set_defaults(func=_report)
     status = sub.add_parser("status", help="trials done/failed/pending and the best so far")
     status.add_argument("run_dir")
+    status.add_argument("--watch", action="store_true",
+                        help="refresh until no planned trial is pending (or Ctrl-C); "
+                             "reads the store only, with or without a running driver")
+    status.add_argument("--interval", type=float, default=5.0,
+                        help="seconds between refreshes with --watch (default: 5)")
     status.set_defaults(func=_status)
     compact = sub.add_parser("compact", help="merge a run's result part files (safe to interrupt)")
     compact.add_argument("run_dir")

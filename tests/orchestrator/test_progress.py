@@ -1,8 +1,11 @@
 """Live progress: the pure state on a fake clock, its plain and rich displays,
-and the metrics exporter's wiring."""
+the metrics exporter's wiring, and ``status --watch`` on a store filled meanwhile."""
 
 from __future__ import annotations
 
+import json
+import threading
+import time
 from io import StringIO
 
 import pytest
@@ -10,7 +13,9 @@ from rich.console import Console
 
 from orchestrator.progress import (LiveDisplay, PlainDisplay, SweepProgress, TrialLine,
                                    format_duration, make_display, render, window_rate)
-from orchestrator.schema import DONE, FAILED, STOPPED
+from orchestrator.results import ResultsStore
+from orchestrator.schema import DONE, FAILED, PLAN_FILE, SPEC_FILE, STOPPED
+from orchestrator.status import status_view, watch_status
 
 METRIC = "zs/x/top1"
 
@@ -209,3 +214,60 @@ def test_sweep_metrics_export_the_progress_and_tell_the_display(monkeypatch):
                    "trials_pending": 0, "trials_finished": 1, "trials_failed": 1,
                    "trials_per_minute": pytest.approx(2.0), "best_metric": 0.5}
     assert seen and all(s is metrics.progress for s in seen)
+
+
+# --- status --watch ------------------------------------------------------------------------------
+
+def stored_row(fingerprint: str, value: float, now: float) -> dict:
+    return {"fingerprint": fingerprint, "grid": "g", "status": DONE, "error": "", METRIC: value,
+            "config/image_layer": 1, "config/text_layer": 2, "config/head": "linear",
+            "config/structure_lambda": 0.0, "config/n_train": 100, "config/seed": 0,
+            "started_at": now - 1.0, "finished_at": now}
+
+
+def planned_run(tmp_path, n: int):
+    (tmp_path / SPEC_FILE).write_text("{}")
+    (tmp_path / PLAN_FILE).write_text(json.dumps({"fingerprints": [f"f{i}" for i in range(n)]}))
+    return tmp_path
+
+
+def test_status_view_counts_rate_and_eta_from_the_store(tmp_path):
+    run = planned_run(tmp_path, 4)
+    assert not status_view(run).finished and "0 done" in status_view(run).text
+    now = time.time()
+    ResultsStore(run).write("trials", [stored_row("f0", 0.5, now - 29), stored_row("f1", 0.7, now)])
+    view = status_view(run, now=now)
+    assert (view.planned, view.pending) == (4, 2) and not view.finished
+    assert "2 done" in view.text and f"best {METRIC}: 0.7000" in view.text
+    assert "rate: 4.0 trials/min" in view.text and "ETA 30s" in view.text  # 2 ended in the 30 s since the first start
+
+
+def test_watch_stops_once_a_store_filled_meanwhile_has_no_pending_trial(tmp_path):
+    run, n = planned_run(tmp_path, 12), 12
+
+    def writer():  # a driver's sink: a part file of two rows at a time
+        for k in range(0, n, 2):
+            ResultsStore(run).write("trials", [stored_row(f"f{i}", i / n, time.time())
+                                               for i in (k, k + 1)])
+            time.sleep(0.05)
+
+    thread = threading.Thread(target=writer, daemon=True)
+    out = StringIO()
+    thread.start()
+    try:  # the bound keeps a broken watch from hanging the suite; it is not a timing claim
+        finished = watch_status(run, interval=0.05, console=Console(file=out), max_iterations=2000)
+    finally:
+        thread.join(timeout=60)
+    assert finished, out.getvalue()[-2000:]
+    last = out.getvalue().rstrip().split("--- ")[-1]
+    assert "12 done, 0 stopped early, 0 failed, 0 pending (of 12 planned)" in last
+
+
+def test_watch_gives_up_after_its_bound_and_waits_for_a_plan(tmp_path):
+    (tmp_path / SPEC_FILE).write_text("{}")  # a driver still extracting features
+    out, naps = StringIO(), []
+    assert watch_status(tmp_path, interval=7, console=Console(file=out), max_iterations=3,
+                        sleep=naps.append) is False
+    assert naps == [7, 7] and out.getvalue().count("no trials planned yet") == 1  # unchanged text
+    with pytest.raises(FileNotFoundError):
+        watch_status(tmp_path / "missing", max_iterations=1)
