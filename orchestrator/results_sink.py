@@ -54,6 +54,12 @@ class ResultsSink(Callback):
         self.buffer: list[dict] = []
         self.finished = self.failed = self.stopped = 0
 
+    def __getstate__(self):
+        # Tune pickles its callbacks into tuner.pkl, only for a Tune-level restore,
+        # which this project never does (resume reads the store). The driver's log
+        # and monitor (a live display: a terminal, locks) stay out of that copy.
+        return {**self.__dict__, "log": print, "monitor": None, "buffer": []}
+
     def on_trial_start(self, iteration, trials, trial, **info):
         if self.monitor:
             self.monitor.trial_started()

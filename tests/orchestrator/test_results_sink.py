@@ -84,3 +84,16 @@ def test_store_row_has_identity_config_columns_and_metrics_only():
     assert row[config_column("image_layer")] == 1 and row[config_column("head_options")] == "{}"
     assert row["zs/x/top1"] == 0.5
     assert "training_iteration" not in row and "nested" not in row
+
+
+def test_tune_can_pickle_the_sink_with_a_live_display_attached(tmp_path):
+    import threading
+
+    from ray import cloudpickle
+
+    lock = threading.RLock()  # what a rich console holds: not picklable
+    sink, _ = sink_for(tmp_path, monitor=SweepProgress())
+    sink.log = lambda line, lock=lock: None
+    sink.monitor.on_change = lambda p, lock=lock: None
+    copy = cloudpickle.loads(cloudpickle.dumps(sink))  # as Tune writes tuner.pkl
+    assert copy.monitor is None and copy.total == sink.total and sink.log is not print
