@@ -25,6 +25,7 @@ from typing import Callable
 from orchestrator.schema import FAILED, STOPPED
 
 RATE_WINDOW_S = 600.0  # the rate (and ETA) follows the last 10 minutes of a long sweep
+PANEL_WIDTH = 100
 
 
 class TrialLine(str):
@@ -120,7 +121,11 @@ class SweepProgress:
 
     @property
     def elapsed(self) -> float:
-        return 0.0 if self.started_at is None else self.clock() - self.started_at
+        """Since the first trial started; stops at the last trial's end."""
+        if self.started_at is None:
+            return 0.0
+        over = self.to_run and self.pending == 0 and self._ends
+        return (self._ends[-1] if over else self.clock()) - self.started_at
 
     @property
     def rate_per_minute(self) -> float | None:
@@ -259,7 +264,8 @@ def render(progress: SweepProgress, title: str = "sweep", last_trial: str = ""):
         grid.add_row("best", f"{p.metric} = {'–' if p.best is None else f'{p.best:.4f}'}")
     if last_trial:
         grid.add_row("last", last_trial)
-    return Panel(grid, title=title, title_align="left", expand=False)
+    # a fixed width (narrowed to the terminal's): the frame does not jump with the last line
+    return Panel(grid, title=title, title_align="left", expand=False, width=PANEL_WIDTH)
 
 
 def _counts(p: SweepProgress):

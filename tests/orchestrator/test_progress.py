@@ -84,8 +84,10 @@ def test_best_follows_the_mode_and_skips_missing_values():
 def test_eta_is_zero_when_everything_ended_and_durations_read_well():
     clock = FakeClock()
     p = progress_at(clock, to_run=1)
+    p.trial_started()
     end(p, clock, 5)
-    assert p.pending == 0 and p.eta_seconds == 0.0
+    clock.now += 60  # the display stays up a while after the last trial
+    assert p.pending == 0 and p.eta_seconds == 0.0 and p.elapsed == 5.0
     assert [format_duration(s) for s in (None, 7, 187, 3725)] == ["–", "7s", "3m 07s", "1h 02m"]
     assert window_rate([], 10.0, 0.0) is None and window_rate([5.0], 10.0, 10.0) is None
 
