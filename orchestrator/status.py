@@ -127,7 +127,7 @@ def watch_status(run_dir: Path, interval: float = 5.0, console=None,
     with show:
         for count in itertools.count(1):
             view = status_view(run_dir)
-            show(view.text)
+            show(view.text, view.finished)
             if view.finished or (max_iterations is not None and count >= max_iterations):
                 return view.finished
             sleep(interval)
@@ -137,7 +137,7 @@ class _PlainView:
     def __init__(self, console):
         self.console, self.last = console, None
 
-    def __call__(self, text: str) -> None:
+    def __call__(self, text: str, final: bool = False) -> None:
         if text != self.last:
             self.console.print(f"--- {time.strftime('%H:%M:%S')}\n{text}", markup=False,
                                highlight=False, soft_wrap=True)
@@ -156,10 +156,11 @@ class _LiveView:
 
         self.live = Live(console=console, auto_refresh=False)
 
-    def __call__(self, text: str) -> None:
+    def __call__(self, text: str, final: bool = False) -> None:
         from rich.text import Text
 
-        self.live.update(Text(f"{text}\n(refreshing; Ctrl-C to stop)"), refresh=True)
+        hint = "" if final else "\n(refreshing; Ctrl-C to stop)"
+        self.live.update(Text(text + hint), refresh=True)
 
     def __enter__(self):
         self.live.start()

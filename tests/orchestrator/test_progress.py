@@ -273,3 +273,14 @@ def test_watch_gives_up_after_its_bound_and_waits_for_a_plan(tmp_path):
     assert naps == [7, 7] and out.getvalue().count("no trials planned yet") == 1  # unchanged text
     with pytest.raises(FileNotFoundError):
         watch_status(tmp_path / "missing", max_iterations=1)
+
+
+def test_watch_on_a_terminal_redraws_in_place_and_drops_its_hint_when_done(tmp_path):
+    run = planned_run(tmp_path, 1)
+    console, out = terminal()
+    assert watch_status(run, console=console, max_iterations=1) is False  # pending: hint shown
+    assert "1 pending" in out.getvalue() and "Ctrl-C to stop" in out.getvalue()
+    ResultsStore(run).write("trials", [stored_row("f0", 0.5, time.time())])
+    console, out = terminal()
+    assert watch_status(run, console=console, max_iterations=1) is True
+    assert "0 pending" in out.getvalue() and "Ctrl-C" not in out.getvalue()
