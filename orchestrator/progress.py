@@ -265,7 +265,7 @@ def render(progress: SweepProgress, title: str = "sweep", last_trial: str = ""):
     if last_trial:
         grid.add_row("last", last_trial)
     # a fixed width (narrowed to the terminal's): the frame does not jump with the last line
-    return Panel(grid, title=title, title_align="left", expand=False, width=PANEL_WIDTH)
+    return Panel(grid, title=title, title_align="left", width=PANEL_WIDTH)  # expands to it
 
 
 def _counts(p: SweepProgress):
