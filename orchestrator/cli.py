@@ -39,11 +39,16 @@ def _resume(args) -> int:
 def _sweep(spec, args) -> int:
     from dashboards.report import write_report
     from orchestrator.driver import run_sweep
+    from orchestrator.progress import make_display
 
     print(f"sweep {spec.name!r} -> {spec.run_dir}", flush=True)
-    outcome = run_sweep(spec, address=args.address, dashboard=args.dashboard,
-                        num_cpus=args.num_cpus, metrics_port=args.metrics_port,
-                        log=lambda *a: print(*a, flush=True))
+    # a live panel on a terminal, rate-limited summary lines in a log (CI, ray job)
+    display = make_display(args.progress, title=f"sweep {spec.name}",
+                           interval=args.progress_interval)
+    with display:
+        outcome = run_sweep(spec, address=args.address, dashboard=args.dashboard,
+                            num_cpus=args.num_cpus, metrics_port=args.metrics_port,
+                            log=display.log, on_progress=display.changed)
     print(f"trials: {outcome.finished} finished"
           + (f" ({outcome.stopped} stopped early)" if outcome.stopped else "")
           + f", {outcome.failed} failed, "
@@ -78,9 +83,15 @@ def _report(args) -> int:
 
 
 def _status(args) -> int:
-    from orchestrator.status import run_status
+    from orchestrator.status import run_status, watch_status
 
-    print(run_status(Path(args.run_dir)))
+    if not args.watch:
+        print(run_status(Path(args.run_dir)))
+        return 0
+    try:  # until no planned trial is pending; Ctrl-C leaves the last view on screen
+        watch_status(Path(args.run_dir), interval=args.interval)
+    except KeyboardInterrupt:
+        return 130
     return 0
 
 
@@ -110,6 +121,11 @@ def build_parser() -> argparse.ArgumentParser:
     report.set_defaults(func=_report)
     status = sub.add_parser("status", help="trials done/failed/pending and the best so far")
     status.add_argument("run_dir")
+    status.add_argument("--watch", action="store_true",
+                        help="refresh until no planned trial is pending (or Ctrl-C); "
+                             "reads the store only, with or without a running driver")
+    status.add_argument("--interval", type=float, default=5.0,
+                        help="seconds between refreshes with --watch (default: 5)")
     status.set_defaults(func=_status)
     compact = sub.add_parser("compact", help="merge a run's result part files (safe to interrupt)")
     compact.add_argument("run_dir")
@@ -126,6 +142,12 @@ def _cluster_options(parser: argparse.ArgumentParser) -> None:
                         help="port of a local cluster's Prometheus endpoint (/metrics)")
     parser.add_argument("--num-cpus", type=int, help="CPUs of a local cluster (default: all)")
     parser.add_argument("--no-report", action="store_true", help="skip the HTML report")
+    parser.add_argument("--progress", choices=("auto", "live", "plain"), default="auto",
+                        help="live: a progress panel redrawn in place; plain: a summary line "
+                             "(done, rate, ETA, best) every --progress-interval s; "
+                             "auto: live on a terminal, else plain")
+    parser.add_argument("--progress-interval", type=float, default=10.0, metavar="S",
+                        help="seconds between plain summary lines (default: 10)")
 
 
 def _cause_message(err: BaseException) -> str:

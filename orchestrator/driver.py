@@ -84,9 +84,10 @@ def driver_lock(run_dir: Path):
 
 def run_sweep(spec: SweepSpec, *, address: str | None = None, dashboard: bool = False,
               num_cpus: int | None = None, metrics_port: int | None = None,
-              log=print) -> SweepOutcome:
+              log=print, on_progress=None) -> SweepOutcome:
     """Run what is missing of ``spec`` in its run directory, on the cluster at
-    ``address`` (default: a private local one); see :func:`ray_session`."""
+    ``address`` (default: a private local one); see :func:`ray_session`.
+    ``on_progress(SweepProgress)``: called after each trial event (a live display)."""
     check_runnable(spec)
     run_dir = spec.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -96,19 +97,20 @@ def run_sweep(spec: SweepSpec, *, address: str | None = None, dashboard: bool = 
         results.recover()  # an interrupted compaction of an earlier driver
         with ray_session(address, num_cpus=num_cpus, dashboard=dashboard,
                          metrics_port=metrics_port, log=log):
-            outcome = _run_stages(spec, results, log)
+            outcome = _run_stages(spec, results, log, on_progress)
         if len(results.files("trials")) >= COMPACT_AT_FILES:
             results.compact("trials")
         return outcome
 
 
-def _run_stages(spec: SweepSpec, results: ResultsStore, log) -> SweepOutcome:
+def _run_stages(spec: SweepSpec, results: ResultsStore, log, on_progress=None) -> SweepOutcome:
     """Features, layer similarity and the Tune stage, on a running cluster."""
     from orchestrator.monitoring import SweepMetrics
 
     cache_root = Path(spec.cache_dir) if spec.cache_dir else default_cache_dir()
     store = FeatureStore(cache_root / "features")
-    monitor = SweepMetrics(spec.name, spec.tune.search_config.metric, spec.tune.search_config.mode)
+    monitor = SweepMetrics(spec.name, spec.tune.search_config.metric, spec.tune.search_config.mode,
+                           on_change=on_progress)
     log(f"[1/3] features (cache: {cache_root})")
     features = extract_features(spec, str(store.root), log=log)
     monitor.features(features.cached, features.computed)

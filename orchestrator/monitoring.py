@@ -1,73 +1,101 @@
 """Custom Ray metrics of a running sweep (``ray.util.metrics``).
 
 Exported by Ray's metrics agent at ``http://<node>:<metrics_export_port>/metrics``
-with a ``ray_`` prefix, e.g. ``ray_structure_sweep_trials_finished{sweep="demo"}``.
-Updated by the driver's results sink (``orchestrator.results_sink``); cheap (a few µs per update).
+with a ``ray_`` prefix, and a ``_total`` suffix on counters, e.g.
+``ray_structure_sweep_trials_finished_total{sweep="demo"}`` (see
+:func:`exported_name`). Updated by the driver's results sink
+(``orchestrator.results_sink``); cheap (a few µs per update).
+
+:data:`METRICS` is the one list of them: the metrics are created from it and
+the Grafana dashboard (``dashboards/grafana.py``) is generated from it. This
+module imports Ray only inside :class:`SweepMetrics`, so the dashboard
+generator reads the table without Ray.
 """
 
 from __future__ import annotations
 
-import math
 import time
+from typing import Callable
 
+from orchestrator.progress import SweepProgress
 from orchestrator.schema import FAILED
 
 PREFIX = "structure_sweep_"
+COUNTER, GAUGE = "counter", "gauge"
+TAGS = ("sweep",)
+
+# name (without PREFIX) -> (kind, description)
+METRICS: dict[str, tuple[str, str]] = {
+    "trials_finished": (COUNTER, "trials finished (done or stopped)"),
+    "trials_failed": (COUNTER, "trials failed after their retries"),
+    "trials_running": (GAUGE, "trials running now"),
+    "trials_pending": (GAUGE, "trials of this run not yet ended (running ones included)"),
+    "trials_per_minute": (GAUGE, "trials ended per minute over the last 10 minutes"),
+    "best_metric": (GAUGE, "best value so far of the sweep's objective (tune.metric)"),
+    "feature_cache_hits": (GAUGE, "feature entries read from cache"),
+    "feature_cache_misses": (GAUGE, "feature entries computed"),
+}
+
+
+def exported_name(name: str) -> str:
+    """The Prometheus series of a :data:`METRICS` entry: Ray prefixes ``ray_``
+    and its exporter suffixes counters with ``_total``."""
+    kind, _ = METRICS[name]
+    return f"ray_{PREFIX}{name}" + ("_total" if kind == COUNTER else "")
 
 
 class SweepMetrics:
-    """Counters and gauges of one sweep, tagged with its name."""
+    """The sweep's events -> :class:`SweepProgress` -> Ray counters and gauges.
 
-    def __init__(self, sweep: str, metric: str | None = None, mode: str = "max"):
+    ``on_change(progress)`` is called after every trial event (the CLI's live
+    display); the progress state is the one count behind both.
+    """
+
+    def __init__(self, sweep: str, metric: str | None = None, mode: str = "max",
+                 on_change: Callable[[SweepProgress], None] | None = None,
+                 clock: Callable[[], float] = time.monotonic):
         from ray.util.metrics import Counter, Gauge
 
-        tags = ("sweep",)
+        kinds = {COUNTER: Counter, GAUGE: Gauge}
+        self.series = {name: kinds[kind](PREFIX + name, description, TAGS)
+                       for name, (kind, description) in METRICS.items()}
         self.tags = {"sweep": sweep}
-        self.metric, self.mode = metric, mode
-        self.finished = Counter(PREFIX + "trials_finished", "trials finished (done or stopped)", tags)
-        self.failed = Counter(PREFIX + "trials_failed", "trials failed after their retries", tags)
-        self.running = Gauge(PREFIX + "trials_running", "trials running now", tags)
-        self.rate = Gauge(PREFIX + "trials_per_minute", "finished trials per minute", tags)
-        self.best = Gauge(PREFIX + "best_metric", "best value of the sweep's objective", tags)
-        self.cache_hits = Gauge(PREFIX + "feature_cache_hits", "feature entries read from cache", tags)
-        self.cache_misses = Gauge(PREFIX + "feature_cache_misses", "feature entries computed", tags)
-        self.pending = Gauge(PREFIX + "trials_pending", "trials not yet finished", tags)
-        self._start, self._done, self._running, self._best = time.monotonic(), 0, 0, None
-        self._pending = 0
-        self.running.set(0, self.tags)
+        self.progress = SweepProgress(metric, mode, clock=clock)
+        self.on_change = on_change
+        self._set("trials_running", 0)
+
+    def _set(self, name: str, value: float) -> None:
+        self.series[name].set(value, self.tags)
 
     def features(self, cached: int, computed: int) -> None:
-        self.cache_hits.set(cached, self.tags)
-        self.cache_misses.set(computed, self.tags)
+        self._set("feature_cache_hits", cached)
+        self._set("feature_cache_misses", computed)
 
     def planned(self, pending: int) -> None:
-        self._pending = pending
-        self.pending.set(pending, self.tags)
+        self.progress.planned(pending)
+        self._changed()
 
     def trial_started(self) -> None:
-        self._running += 1
-        self.running.set(self._running, self.tags)
+        self.progress.trial_started()
+        self._changed()
 
     def trial_retried(self) -> None:
-        self._running = max(0, self._running - 1)
-        self.running.set(self._running, self.tags)
+        self.progress.trial_retried()
+        self._changed()
 
     def trial_ended(self, status: str, result: dict) -> None:
-        self._running = max(0, self._running - 1)
-        self.running.set(self._running, self.tags)
-        if status == FAILED:
-            self.failed.inc(1.0, self.tags)
-        else:
-            self._done += 1
-            self.finished.inc(1.0, self.tags)
-            value = result.get(self.metric) if self.metric else None
-            if isinstance(value, (int, float)) and not math.isnan(value):
-                better = self._best is None or (value > self._best if self.mode == "max"
-                                                else value < self._best)
-                if better:
-                    self._best = float(value)
-                    self.best.set(self._best, self.tags)
-        minutes = max((time.monotonic() - self._start) / 60, 1e-6)
-        self.rate.set(self._done / minutes, self.tags)
-        self._pending = max(0, self._pending - 1)
-        self.pending.set(self._pending, self.tags)
+        self.progress.trial_ended(status, result)
+        counter = "trials_failed" if status == FAILED else "trials_finished"
+        self.series[counter].inc(1.0, self.tags)
+        self._changed()
+
+    def _changed(self) -> None:
+        p = self.progress
+        self._set("trials_running", p.running)
+        self._set("trials_pending", p.pending)
+        if p.rate_per_minute is not None:
+            self._set("trials_per_minute", p.rate_per_minute)
+        if p.best is not None:
+            self._set("best_metric", p.best)
+        if self.on_change is not None:
+            self.on_change(p)

@@ -17,6 +17,7 @@ from typing import Callable, Sequence
 from ray.tune import Callback
 
 from orchestrator.planning import PlannedTrial
+from orchestrator.progress import TrialLine
 from orchestrator.results import ResultsStore
 from orchestrator.schema import DONE, FAILED, STOPPED, config_column
 from orchestrator.worker import ERROR_CHARS, ROWS_JSON, TRIAL_COMPLETE, report_rows
@@ -53,6 +54,12 @@ class ResultsSink(Callback):
         self.buffer: list[dict] = []
         self.finished = self.failed = self.stopped = 0
 
+    def __getstate__(self):
+        # Tune pickles its callbacks into tuner.pkl, only for a Tune-level restore,
+        # which this project never does (resume reads the store). The driver's log
+        # and monitor (a live display: a terminal, locks) stay out of that copy.
+        return {**self.__dict__, "log": print, "monitor": None, "buffer": []}
+
     def on_trial_start(self, iteration, trials, trial, **info):
         if self.monitor:
             self.monitor.trial_started()
@@ -60,7 +67,7 @@ class ResultsSink(Callback):
     def on_trial_recover(self, iteration, trials, trial, **info):
         if self.monitor:
             self.monitor.trial_retried()
-        self.log(f"  retrying a trial after: {_error_text(trial).strip().splitlines()[-1:]}")
+        self.log(f"  retrying a trial after: {_last_line(_error_text(trial))}")
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         result = dict(trial.last_result or {})
@@ -107,17 +114,19 @@ class ResultsSink(Callback):
             self.monitor.trial_ended(status, result)
 
     def _log_row(self, row: dict, status: str, error: str):
+        """One line per ended trial, tagged (:class:`TrialLine`) so a progress
+        display can fold finished ones into its counts and still print failures."""
         n = self.finished + self.failed
         if status == FAILED:
-            return self.log(f"  [{n}/{self.total}] FAILED {row['fingerprint']}: "
-                            f"{error.strip().splitlines()[-1:]}")
-        summary = ", ".join(f"{k.split('/')[-1]}={v:.3f}" for k, v in row.items()
+            return self.log(TrialLine(f"  [{n}/{self.total}] FAILED {row['fingerprint']}: "
+                                      f"{_last_line(error)}", status))
+        summary = ", ".join(f"{k[len('zs/'):]}={v:.3f}" for k, v in row.items()
                             if k.startswith("zs/") and k.endswith("/top1"))
         column = lambda field: row[config_column(field)]  # noqa: E731
-        self.log(f"  [{n}/{self.total}] {status:<7} layers ({column('image_layer')},"
-                 f"{column('text_layer')}) {column('head')} "
-                 f"λ={column('structure_lambda'):g} n={column('n_train')} "
-                 f"seed={column('seed')}  {summary}")
+        self.log(TrialLine(f"  [{n}/{self.total}] {status:<7} layers ({column('image_layer')},"
+                           f"{column('text_layer')}) {column('head')} "
+                           f"λ={column('structure_lambda'):g} n={column('n_train')} "
+                           f"seed={column('seed')}  {summary}", status))
 
     def flush(self):
         written = self.results.write("trials", self.buffer)
@@ -145,6 +154,12 @@ def _is_metric(key: str, value) -> bool:
 
 def _scalar(value):
     return json.dumps(value, sort_keys=True) if isinstance(value, (dict, list)) else value
+
+
+def _last_line(error: str) -> str:
+    """The last line of an error text: a traceback ends with the exception."""
+    lines = (error or "").strip().splitlines()
+    return lines[-1] if lines else "(no error text)"
 
 
 def _error_text(trial) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 from orchestrator.planning import PlannedTrial
+from orchestrator.progress import SweepProgress, TrialLine
 from orchestrator.results import ResultsStore
 from orchestrator.results_sink import ResultsSink, store_row
 from orchestrator.schema import DONE, FAILED, STOPPED, config_column
@@ -39,7 +40,21 @@ def test_a_final_report_becomes_one_row_per_planned_trial(tmp_path):
     assert frame.loc["b", "params"] == '{"x": 1}' and frame.loc["b", config_column("seed")] == 1
     assert "time_total_s" not in frame.columns and "trial_complete" not in frame.columns
     assert (sink.finished, sink.failed, sink.stopped) == (1, 1, 0)
-    assert "[2/2] FAILED b" in lines[-1]
+    assert lines[-1] == "  [2/2] FAILED b: ValueError: boom"  # the error's last line, as text
+
+
+def test_trial_lines_are_tagged_for_a_progress_display_and_events_reach_the_monitor(tmp_path):
+    progress = SweepProgress("zs/x/top1")  # what SweepMetrics forwards the events to
+    sink, lines = sink_for(tmp_path, monitor=progress)
+    progress.planned(2)
+    sink.on_trial_start(0, [], tune_trial({}))
+    rows = [{"fingerprint": "a", "status": DONE, "error": "", "zs/x/top1": 0.5},
+            {"fingerprint": "b", "status": FAILED, "error": "Traceback...\nValueError: boom"}]
+    sink.on_trial_complete(0, [], tune_trial(final_report(rows)))
+    assert [(type(line), line.status) for line in lines] == [(TrialLine, DONE), (TrialLine, FAILED)]
+    assert lines[0].startswith("  [1/2] done    layers (1,2) linear") and lines[0].endswith("x/top1=0.500")
+    assert lines[1].endswith("FAILED b: ValueError: boom")
+    assert (progress.done, progress.failed, progress.pending, progress.best) == (1, 1, 0, 0.5)
 
 
 def test_a_trial_cut_short_by_asha_is_stopped_else_failed(tmp_path):
@@ -69,3 +84,16 @@ def test_store_row_has_identity_config_columns_and_metrics_only():
     assert row[config_column("image_layer")] == 1 and row[config_column("head_options")] == "{}"
     assert row["zs/x/top1"] == 0.5
     assert "training_iteration" not in row and "nested" not in row
+
+
+def test_tune_can_pickle_the_sink_with_a_live_display_attached(tmp_path):
+    import threading
+
+    from ray import cloudpickle
+
+    lock = threading.RLock()  # what a rich console holds: not picklable
+    sink, _ = sink_for(tmp_path, monitor=SweepProgress())
+    sink.log = lambda line, lock=lock: None
+    sink.monitor.on_change = lambda p, lock=lock: None
+    copy = cloudpickle.loads(cloudpickle.dumps(sink))  # as Tune writes tuner.pkl
+    assert copy.monitor is None and copy.total == sink.total and sink.log is not print
