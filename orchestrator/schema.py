@@ -33,7 +33,9 @@ def finished_statuses(include_stopped: bool = True) -> list[str]:
 
 
 # --- metric names ------------------------------------------------------------------
-ZS_METRICS = ("top1", "top1_macro", "top5")
+# zero-shot (trials.evaluate.zero_shot_metrics): micro/macro top-1 accuracy, macro F1,
+# micro/macro top-5 accuracy (top-5 only with >= 5 classes)
+ZS_METRICS = ("top1", "top1_macro", "f1_macro", "top5", "top5_macro")
 RET_PROTOCOLS = ("official", "standard")
 RET_DIRECTIONS = ("I2T", "T2I")
 RET_METRICS = tuple(f"{m}@{k}" for m in ("R", "P", "MAP") for k in (1, 5, 10))
