@@ -157,12 +157,11 @@ class TuneRunner:
         """One ``tune.Tuner`` run over ``payload``'s trials; rows go to the store."""
         import ray
 
-        tune_cfg = self.spec.tune
         # One object for everything trials share; a trial's Tune config only picks its task.
         shared = ray.put(payload)
         sink = ResultsSink(self.results, total=total, describe=lambda c: payload.task(c).trials,
                            monitor=self.monitor, log=self.log,
-                           flush_seconds=tune_cfg.flush_seconds, scheduled_stops=self.asha)
+                           flush_seconds=self.spec.tune.run_config.flush_seconds, scheduled_stops=self.asha)
         storage = tempfile.mkdtemp(prefix="structure-sweep-tune-")
         tuner = self._tuner(shared, space, num_samples, searcher, sink, storage)
         started = time.monotonic()
@@ -352,7 +351,7 @@ def _warm_start(finished, metric: str) -> dict:
 def optuna_searcher(spec: SweepSpec, space: dict, finished):
     """A seeded TPE searcher over ``space`` (a Tune search space), told the stored trials."""
     from optuna.samplers import TPESampler
-    from ray.tune.search_config.search.optuna import OptunaSearch
+    from ray.tune.search.optuna import OptunaSearch
 
     class _FinalOnly(OptunaSearch):
         """Optuna learns from final results; per-epoch reports (val_loss) are ASHA's."""

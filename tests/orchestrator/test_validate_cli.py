@@ -15,13 +15,13 @@ def validate(spec: Path) -> subprocess.CompletedProcess:
 def test_validate_prints_trial_count():
     out = validate(ROOT / "search_spaces" / "demo.yaml")
     assert out.returncode == 0, out.stderr
-    assert "68 trials in 2 grid(s)" in out.stdout
+    assert "84 trials in 3 grid(s)" in out.stdout
 
 
 def test_validate_rejects_bad_specs_without_starting_ray(tmp_path):
     demo = (ROOT / "search_spaces" / "demo.yaml").read_text()
     cases = {"misspelt": demo.replace("batch_size: 512", "batch_sise: 512"),
-             "wrong type": demo.replace("epochs: 40", "epochs: forty"),
+             "wrong type": demo.replace("epochs: 300", "epochs: forty"),
              "unknown encoder": demo.replace("synthetic:image", "clip:vit-b")}
     for name, text in cases.items():
         spec = tmp_path / f"{name.replace(' ', '_')}.yaml"
