@@ -21,6 +21,29 @@ REPORT_FILE = "report.html"
 TABLES = ("trials", "layer_similarity")
 KEYS = {"trials": "fingerprint", "layer_similarity": "row_key"}  # deduplication key per table
 
+# --- layer selection (orchestrator.similarity_stage, orchestrator.planning) -------------
+# Columns of a ``trials`` row about how its layer pair was chosen (not in its fingerprint):
+LAYER_RULE = "layer_rule"  # the rule that named the pair, canonical str(LayerRule): "similar",
+#   "last", "all", "top3", "last2", "bins", "[3, 4]", ...; absent in rows written before it
+SIMILARITY_N = "similarity_n"  # training pairs the matrix behind the choice was scored on:
+#   min(similarity.n_samples, N) of the trial's own N pairs (selection per_trial), or of the
+#   whole split (oracle); 0 for a rule that needs no similarity (all, last, lastK, [i, j])
+SELECTIONS = ("per_trial", "oracle")  # similarity.selection
+# ``layer_similarity``: one row per (matrix, image layer, text layer); a per-trial run holds
+# one matrix per training subsample (n_train, seed), an oracle run one for the whole split.
+LAYER_SIMILARITY_COLUMNS = {
+    "row_key": "similarity_key/image_layer/text_layer (deduplication key)",
+    "similarity_key": "the matrix's content key (cache file name)",
+    "metric": "similarity.metric", "k": "similarity.k as written (rule name or integer)",
+    "k_value": "the k used at that sample size (rule applied, clipped to n-1); 0 without k",
+    "n_samples": "similarity.n_samples",
+    "selection": "per_trial | oracle",
+    "n_train": "training pairs the rows were drawn from: the subsample's N (= a trial's "
+               "n_train_used); oracle: the whole split",
+    "seed": "the subsample's seed = the draw's and the bins rule's (oracle: similarity.seed)",
+    "similarity_n": "pairs scored", "image_layer": "i", "text_layer": "j", "score": "metric(i, j)",
+}
+
 # --- trial statuses --------------------------------------------------------------
 DONE, STOPPED, FAILED = "done", "stopped", "failed"  # stopped: cut short by ASHA
 STATUSES = (DONE, STOPPED, FAILED)

@@ -11,7 +11,7 @@
   (:func:`trials.similarity.selection_k`: rice gives 35 at 5,000 rows and 20
   at 1,000; an integer k is clipped to the sample). One call of
   ``layer_similarity`` scores every layer pair of one subsample.
-* ``oracle`` (today's behaviour before 0.3, kept as a labelled comparison): one
+* ``oracle`` (what earlier versions did, kept as a labelled comparison): one
   matrix on ``n_samples`` pairs of the FULL training split, drawn with
   ``similarity.seed``, shared by every trial.
 
@@ -37,6 +37,7 @@ from orchestrator.feature_store import FeatureStore
 from orchestrator.features import FeatureSet
 from orchestrator.keys import content_key
 from orchestrator.results import ResultsStore
+from orchestrator.schema import SELECTIONS
 from trials.selection import sample_rows, selection_rows
 from trials.similarity import METRICS, layer_similarity, selection_k, topk_from_rule
 from trials.trial import subsample
@@ -44,7 +45,6 @@ from trials.trial import subsample
 # Part of the cache keys: change them whenever which rows are scored changes.
 SAMPLING = "trials.selection.sample_rows-v1"  # the oracle's draw
 PER_TRIAL_SAMPLING = "trials.trial.subsample+trials.selection.selection_rows-v1"
-SELECTIONS = ("per_trial", "oracle")
 
 
 @dataclass(frozen=True)

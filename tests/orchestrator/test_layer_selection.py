@@ -10,6 +10,7 @@ from orchestrator.feature_store import FeatureStore
 from orchestrator.features import FeatureSet, SplitFeatures
 from orchestrator.planning import materialize, optuna_space, plan_trials
 from orchestrator.results import ResultsStore
+from orchestrator.schema import LAYER_SIMILARITY_COLUMNS
 from orchestrator.similarity_stage import LayerSimilarity, similarity_stage
 from orchestrator.spec import SimilaritySpec, load_spec
 from trials.selection import selection_rows
@@ -147,6 +148,7 @@ def test_a_second_run_finds_every_matrix_cached(tmp_path, monkeypatch):
     stored = table.groupby(["n_train", "seed"])[["similarity_n", "k_value"]].first()
     assert stored.loc[(40, 0)].tolist() == [40, 7] and stored.loc[(400, 1)].tolist() == [200, 12]
     assert set(table["selection"]) == {"per_trial"}
+    assert set(table.columns) == set(LAYER_SIMILARITY_COLUMNS)  # as documented
 
 
 def test_k_is_clipped_and_too_small_subsamples_fail_only_where_a_rule_needs_them(tmp_path):
