@@ -297,8 +297,8 @@ def layer_accuracy(done: pd.DataFrame, metric: str) -> pd.DataFrame:
 
     The layer grid of a sweep trains many pairs under one setting (head, λ,
     n_train); that setting is found as the one with the most distinct pairs,
-    and its seeds are averaged. ``attrs``: its ``n_train`` and ``seeds``, the
-    subsamples whose similarity matrices match it.
+    and its seeds are averaged. ``attrs``: its ``n_train`` and the ``seeds``
+    covering the most pairs: the subsamples whose similarity matrices match it.
     """
     empty = pd.DataFrame(columns=["image_layer", "text_layer", "accuracy"])
     setting = [c for c in (HEAD, LAMBDA, N_TRAIN) if c in done]
@@ -312,9 +312,17 @@ def layer_accuracy(done: pd.DataFrame, metric: str) -> pd.DataFrame:
     accuracy = chosen.groupby(PAIR)[metric].mean().reset_index()
     accuracy = accuracy.set_axis(["image_layer", "text_layer", "accuracy"], axis=1)
     accuracy.attrs = {"n_train": int(chosen[N_TRAIN].iloc[0]) if N_TRAIN in chosen else None,
-                      "seeds": sorted(int(v) for v in chosen[SEED].dropna().unique()) if SEED in chosen
-                      else None}
+                      "seeds": _grid_seeds(chosen)}
     return accuracy
+
+
+def _grid_seeds(chosen: pd.DataFrame) -> list[int] | None:
+    """The seeds that cover the most layer pairs of a setting (the layer grid's, not
+    those of another grid's few trials that happen to share the setting)."""
+    if SEED not in chosen or chosen[SEED].isna().all():
+        return None
+    coverage = chosen.drop_duplicates([SEED] + PAIR).groupby(SEED).size()
+    return sorted(int(s) for s in coverage[coverage == coverage.max()].index)
 
 
 def similarity_vs_accuracy(matrix: pd.DataFrame, accuracy: pd.DataFrame) -> pd.DataFrame:

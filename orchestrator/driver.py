@@ -132,7 +132,7 @@ def _log_similarity(similarity: LayerSimilarity, log) -> None:
     """Matrices computed vs cached, and the most similar pair of each (N, seed); then store them."""
     similarity.flush()
     log(f"  {similarity.summary()}")
-    for m in similarity.scored():
+    for m in sorted(similarity.scored(), key=lambda m: (m.selection != "oracle", m.n_train, m.seed)):
         (i, j), = select_layers(m.matrix, "similar", seed=m.seed)
         where = "whole split" if m.selection == "oracle" else f"N={m.n_train}, seed {m.seed}"
         log(f"  most similar pair ({where}, {m.similarity_n} pairs scored): image layer {i}, "

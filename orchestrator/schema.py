@@ -23,7 +23,8 @@ KEYS = {"trials": "fingerprint", "layer_similarity": "row_key"}  # deduplication
 
 # --- layer selection (orchestrator.similarity_stage, orchestrator.planning) -------------
 # Columns of a ``trials`` row about how its layer pair was chosen (not in its fingerprint):
-LAYER_RULE = "layer_rule"  # the rule that named the pair, canonical str(LayerRule): "similar",
+LAYER_RULE = "layer_rule"  # the rule that named the pair (the first, when two grids or rules
+#   name the same trial: one row per fingerprint), canonical str(LayerRule): "similar",
 #   "last", "all", "top3", "last2", "bins", "[3, 4]", ...; absent in rows written before it
 SIMILARITY_N = "similarity_n"  # training pairs the matrix behind the choice was scored on:
 #   min(similarity.n_samples, N) of the trial's own N pairs (selection per_trial), or of the

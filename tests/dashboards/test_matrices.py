@@ -62,8 +62,8 @@ def test_scaling_curves_follow_each_sizes_own_similar_pair(tmp_path):
 
 def test_the_layer_figure_uses_the_matrix_of_the_grids_own_subsample(tmp_path):
     run = _per_trial_run(tmp_path)
-    accuracy = D.layer_accuracy(run.done, ZS)  # the grid's setting also holds N=1000 seed-1 trials
-    assert accuracy.attrs == {"n_train": 1000, "seeds": [0, 1]}
+    accuracy = D.layer_accuracy(run.done, ZS)  # its setting also holds 2 pairs of seed 1
+    assert accuracy.attrs == {"n_train": 1000, "seeds": [0]}  # the seed of the whole grid
     matrix = D.similarity_matrix(run.similarity, "mutual_knn", selection="per_trial",
                                  n_train=1000, seeds=[0])
     assert matrix.loc[2, 3] == pytest.approx(1.0) and matrix.attrs["n_train"] == 1000
@@ -73,10 +73,9 @@ def test_the_layer_figure_uses_the_matrix_of_the_grids_own_subsample(tmp_path):
     assert D.special_pairs(small)["similar"] == SMALL_BEST and small.attrs["seeds"] == [0, 1]
     assert D.similarity_matrix(run.similarity, "mutual_knn", n_train=500, seeds=[0], strict=True).empty
     section = layers_section(run, D.run_pairs(run))
-    assert ("(N = 1,000, mean over seeds 0, 1): most similar pair image layer 2, text layer 3"
-            in section.lead)
+    assert "(N = 1,000, seed 0): most similar pair image layer 2, text layer 3" in section.lead
     assert "Spearman" in section.lead
-    assert "N = 1,000, mean over seeds 0, 1" in render_html(run)
+    assert "N = 1,000, seed 0" in render_html(run)
 
 
 def test_without_a_matching_matrix_the_overall_one_is_used(tmp_path):
