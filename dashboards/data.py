@@ -8,7 +8,9 @@ column returns an empty frame and the report shows a note instead.
 
 Vocabulary used here:
 - *layer*: "similar" (the most similar pair of the spec's similarity metric,
-  the pair layer selection picks), "last" (the last pair), else "Li/Tj".
+  the pair layer selection picks on the trial's OWN data: per-trial runs
+  store one matrix per training subsample, see :mod:`dashboards.matrices`),
+  "last" (the last pair), else "Li/Tj".
 - *method*: ``<head> + <layer> [+ R_S]`` (R_S: structure_lambda > 0), the
   paper's row names. When a run has several non-zero λ the λ is added.
 - *family*: a method without its R_S part (``<head> + <layer>``).
@@ -26,9 +28,11 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from dashboards.matrices import (SEED, own_label_conditions, own_pairs, run_pairs, selection_of,
+                                 similarity_matrix, similarity_metrics, special_pairs,
+                                 with_own_pairs)
 from orchestrator.results import ResultsStore
 from orchestrator.schema import headline_metric
-from trials.selection import select_layers
 
 IMAGE, TEXT, LAMBDA = "config/image_layer", "config/text_layer", "config/structure_lambda"
 HEAD, N_TRAIN = "config/head", "n_train_used"
@@ -46,6 +50,8 @@ class RunData:
     plan: dict = field(default_factory=dict)
 
     def __post_init__(self):
+        # each trial's own similar/last pair: that of the matrix of its own subsample
+        self.trials = with_own_pairs(self.trials, self.similarity, self.spec)
         has_status = "status" in self.trials
         self.done = self.trials[self.trials["status"] == "done"] if has_status else self.trials
 
@@ -105,56 +111,22 @@ def _retrieval_column(columns: list[str], name: str, direction: str) -> str | No
     return None
 
 
-# --- layer similarity ----------------------------------------------------------
-
-def similarity_metrics(similarity: pd.DataFrame, spec: dict | None = None) -> list[str]:
-    """Stored similarity metrics, the spec's (the one layer selection used) first."""
-    if not has_columns(similarity, "metric", "score"):
-        return []
-    metrics = sorted(similarity["metric"].dropna().unique())
-    selected = (spec or {}).get("similarity", {}).get("metric")
-    return sorted(metrics, key=lambda m: m != selected)
-
-
-def similarity_matrix(similarity: pd.DataFrame, metric: str | None = None) -> pd.DataFrame:
-    """[image layer x text layer] score matrix of one metric (default: the first stored).
-
-    A metric computed under several settings (several ``similarity_key``)
-    uses the last one written.
-    """
-    if not has_columns(similarity, "metric", "score", "image_layer", "text_layer"):
-        return pd.DataFrame()
-    metric = metric or similarity["metric"].iloc[0]
-    rows = similarity[similarity["metric"] == metric]
-    if "similarity_key" in rows and rows["similarity_key"].nunique() > 1:
-        rows = rows[rows["similarity_key"] == rows["similarity_key"].iloc[-1]]
-    return rows.pivot_table(index="image_layer", columns="text_layer", values="score")
-
-
-def special_pairs(matrix: pd.DataFrame) -> dict[str, tuple[int, int]]:
-    """The pairs the "similar" and "last" layer rules pick on a matrix (trials.selection)."""
-    values = matrix.to_numpy()
-    if matrix.empty or not np.isfinite(values).all():  # a partly written matrix names no pair
-        return {}
-    picks = {rule: select_layers(values, rule)[0] for rule in ("similar", "last")}
-    return {rule: (int(matrix.index[i]), int(matrix.columns[j])) for rule, (i, j) in picks.items()}
-
-
-def run_pairs(run: RunData) -> dict[str, tuple[int, int]]:
-    """The run's special pairs under the spec's similarity metric."""
-    metrics = similarity_metrics(run.similarity, run.spec)
-    return special_pairs(similarity_matrix(run.similarity, metrics[0])) if metrics else {}
-
-
 # --- method names --------------------------------------------------------------
 
 def layer_labels(trials: pd.DataFrame, pairs: dict[str, tuple[int, int]]) -> pd.Series:
-    """"similar" / "last" / "Li/Tj" per trial ("similar" wins when they coincide)."""
+    """"similar" / "last" / "Li/Tj" per trial ("similar" wins when they coincide).
+
+    A trial is "similar" when it trained the pair its OWN layer selection picks
+    (the matrix of its own subsample, columns ``similar/*`` of
+    :func:`dashboards.matrices.own_pairs`), else, where unknown, ``pairs[...]``.
+    """
     i, j = trials[IMAGE].astype(int), trials[TEXT].astype(int)
     default = "L" + i.astype(str) + "/T" + j.astype(str)
-    names = [n for n in ("similar", "last") if n in pairs]
-    conditions = [(i == pairs[n][0]) & (j == pairs[n][1]) for n in names]
-    return pd.Series(np.select(conditions, names, default=default), index=trials.index)
+    conditions = own_label_conditions(trials, pairs)
+    if not conditions:
+        return default
+    return pd.Series(np.select(list(conditions.values()), list(conditions), default=default),
+                     index=trials.index)
 
 
 def rs_labels(trials: pd.DataFrame) -> pd.Series:
@@ -325,7 +297,8 @@ def layer_accuracy(done: pd.DataFrame, metric: str) -> pd.DataFrame:
 
     The layer grid of a sweep trains many pairs under one setting (head, λ,
     n_train); that setting is found as the one with the most distinct pairs,
-    and its seeds are averaged.
+    and its seeds are averaged. ``attrs``: its ``n_train`` and the ``seeds``
+    covering the most pairs: the subsamples whose similarity matrices match it.
     """
     empty = pd.DataFrame(columns=["image_layer", "text_layer", "accuracy"])
     setting = [c for c in (HEAD, LAMBDA, N_TRAIN) if c in done]
@@ -337,7 +310,19 @@ def layer_accuracy(done: pd.DataFrame, metric: str) -> pd.DataFrame:
         return empty
     chosen = frame.set_index(setting).loc[[coverage.idxmax()]].reset_index()
     accuracy = chosen.groupby(PAIR)[metric].mean().reset_index()
-    return accuracy.set_axis(["image_layer", "text_layer", "accuracy"], axis=1)
+    accuracy = accuracy.set_axis(["image_layer", "text_layer", "accuracy"], axis=1)
+    accuracy.attrs = {"n_train": int(chosen[N_TRAIN].iloc[0]) if N_TRAIN in chosen else None,
+                      "seeds": _grid_seeds(chosen)}
+    return accuracy
+
+
+def _grid_seeds(chosen: pd.DataFrame) -> list[int] | None:
+    """The seeds that cover the most layer pairs of a setting (the layer grid's, not
+    those of another grid's few trials that happen to share the setting)."""
+    if SEED not in chosen or chosen[SEED].isna().all():
+        return None
+    coverage = chosen.drop_duplicates([SEED] + PAIR).groupby(SEED).size()
+    return sorted(int(s) for s in coverage[coverage == coverage.max()].index)
 
 
 def similarity_vs_accuracy(matrix: pd.DataFrame, accuracy: pd.DataFrame) -> pd.DataFrame:
@@ -361,7 +346,8 @@ def correlation(points: pd.DataFrame) -> dict[str, float]:
 
 
 __all__ = ["RunData", "MetricColumn", "load_run", "has_columns", "table_columns",
-           "similarity_metrics", "similarity_matrix", "special_pairs", "run_pairs",
+           "similarity_metrics", "similarity_matrix", "special_pairs", "run_pairs", "own_pairs",
+           "selection_of",
            "layer_labels", "rs_labels", "with_methods", "named_methods", "method_labels", "table_n_train",
            "paper_table", "relative_improvement", "scaling_curves", "pairs_to_match",
            "label_efficiency", "layer_accuracy", "similarity_vs_accuracy", "correlation",

@@ -106,31 +106,47 @@ def layers_section(run: D.RunData, pairs: dict) -> H.Section:
         "needs a layer-similarity table and trained layer pairs"))
     notes = []
     for sim_metric in D.similarity_metrics(run.similarity, run.spec):
-        matrix = D.similarity_matrix(run.similarity, sim_metric)
+        # the matrix of the trained pairs' own data: their subsample (per-trial selection)
+        matrix = D.similarity_matrix(run.similarity, sim_metric, selection=D.selection_of(run.spec),
+                                     n_train=accuracy.attrs.get("n_train"),
+                                     seeds=accuracy.attrs.get("seeds"))
         points = D.similarity_vs_accuracy(matrix, accuracy)
         if matrix.empty or points.empty:
             continue
-        corr = D.correlation(points)
-        section.blocks.append(F.similarity_figure(matrix, accuracy, points, corr, pairs, metric,
+        corr, own = D.correlation(points), D.special_pairs(matrix)
+        section.blocks.append(F.similarity_figure(matrix, accuracy, points, corr, own, metric,
                                                   sim_metric))
-        notes.append(_correlation_note(sim_metric, D.special_pairs(matrix), corr))
+        notes.append(_correlation_note(sim_metric, own, corr, matrix.attrs))
     if section.blocks:
         section.lead = (
-            "Left: similarity of every [image layer × text layer] pair of the frozen encoders. "
+            "Left: similarity of every [image layer × text layer] pair of the frozen encoders, "
+            "scored on the data the trained pairs had (their training subsample, when layers are "
+            "selected per trial; the whole split for the oracle). "
             "Middle: accuracy of a head trained on each pair (the setting covering most pairs, "
             "mean over seeds). Right: one against the other. ★ the selected (most similar) pair "
-            "under the spec's metric, ✕ the last pair. " + " ".join(H.esc(n) for n in notes))
+            "of that matrix, ✕ the last pair. " + " ".join(H.esc(n) for n in notes))
     return section
 
 
-def _correlation_note(sim_metric: str, own: dict, corr: dict) -> str:
+def _correlation_note(sim_metric: str, own: dict, corr: dict, provenance: dict | None = None) -> str:
     i, j = own["similar"]
-    text = f"{sim_metric}: most similar pair image layer {i}, text layer {j}"
+    text = f"{sim_metric}{_scored_on(provenance or {})}: most similar pair image layer {i}, text layer {j}"
     if corr:
         text += (f"; Spearman ρ = {corr['spearman_rho']:.3f} (p = {corr['spearman_p']:.2g}), "
                  f"Pearson r = {corr['pearson_r']:.3f} (p = {corr['pearson_p']:.2g}) "
                  f"over {corr['n_pairs']} pairs.")
     return text
+
+
+def _scored_on(provenance: dict) -> str:
+    """' (N = 500, seed 0)', ' (whole split, oracle)' or '' (a run from before per-trial selection)."""
+    if provenance.get("selection") == "oracle":
+        return " (whole split, oracle)"
+    if provenance.get("n_train") is None:
+        return ""
+    seeds = provenance.get("seeds") or []
+    label = "seed" if len(seeds) == 1 else "mean over seeds"
+    return f" (N = {provenance['n_train']:,}, {label} {', '.join(map(str, seeds))})"
 
 
 # --- 5. λ and levels sensitivity; R_S gain -------------------------------------------

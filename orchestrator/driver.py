@@ -20,17 +20,16 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from orchestrator.cluster import ray_session
 from orchestrator.feature_store import FeatureStore
 from orchestrator.features import extract_features
-from orchestrator.planning import plan_trials
+from orchestrator.planning import optuna_space, plan_trials
 from orchestrator.results import ResultsStore
 from orchestrator.schema import LOCK_FILE
-from orchestrator.similarity_stage import similarity_stage
+from orchestrator.similarity_stage import LayerSimilarity
 from orchestrator.spec import SweepSpec, check_runnable, save_spec
 from orchestrator.tune_runner import TuneRunner
+from trials.selection import select_layers
 
 COMPACT_AT_FILES = 64  # compact a table at the end of a sweep once it has this many parts
 
@@ -114,16 +113,29 @@ def _run_stages(spec: SweepSpec, results: ResultsStore, log, on_progress=None) -
     log(f"[1/3] features (cache: {cache_root})")
     features = extract_features(spec, str(store.root), log=log)
     monitor.features(features.cached, features.computed)
-    log("[2/3] layer similarity")
-    similarity = similarity_stage(store, results, features, spec.similarity, log=log)
-    best = np.unravel_index(np.argmax(similarity), similarity.shape)
-    log(f"  most similar pair: image layer {best[0]}, text layer {best[1]} "
-        f"({spec.similarity.metric} = {similarity[best]:.3f})")
+    log(f"[2/3] layer similarity ({spec.similarity.metric}, selection: {spec.similarity.selection})")
+    similarity = LayerSimilarity(store, results, features, spec.similarity, log=log)
     runner = TuneRunner(spec, features, store, results, monitor, log)
     if spec.tune.search_config.search == "grid":
-        tally = runner.run_grid(plan_trials(spec, features, similarity))
+        planned = plan_trials(spec, features, similarity)
+        _log_similarity(similarity, log)
+        tally = runner.run_grid(planned)
     else:
+        for grid in spec.search:  # every subsample's matrix before Tune starts (and fails early)
+            optuna_space(spec, grid, similarity)
+        _log_similarity(similarity, log)
         tally = runner.run_optuna(similarity)
     return SweepOutcome(spec.run_dir, tally.planned, tally.skipped, tally.finished, tally.failed,
                         features.computed, features.cached, stopped=tally.stopped,
                         tune_seconds=tally.seconds)
+
+
+def _log_similarity(similarity: LayerSimilarity, log) -> None:
+    """Matrices computed vs cached, and the most similar pair of each (N, seed); then store them."""
+    similarity.flush()
+    log(f"  {similarity.summary()}")
+    for m in sorted(similarity.scored(), key=lambda m: (m.selection != "oracle", m.n_train, m.seed)):
+        (i, j), = select_layers(m.matrix, "similar", seed=m.seed)
+        where = "whole split" if m.selection == "oracle" else f"N={m.n_train}, seed {m.seed}"
+        log(f"  most similar pair ({where}, {m.similarity_n} pairs scored): image layer {i}, "
+            f"text layer {j} ({similarity.settings.metric} = {m.matrix[i, j]:.3f})")

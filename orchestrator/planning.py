@@ -1,6 +1,12 @@
 """From a validated spec and its layer similarity to the list of trials.
 
-Layer rules become concrete layer pairs here; sampled dimensions are drawn
+Layer rules become concrete layer pairs here, each on the similarity matrix
+of its trial's own training subsample (``similarity.selection: per_trial``,
+the official order) or on the one whole-split matrix (``oracle``); see
+:mod:`orchestrator.similarity_stage`. Which rule named a trial's pair and how
+many pairs scored that choice are recorded on the :class:`PlannedTrial`
+(``layer_rule``, ``similarity_n``), never in its fingerprint: a (config,
+layers) keeps its fingerprint whichever rule picks it. Sampled dimensions are drawn
 (seeded, so a re-run draws the same values); each trial gets a fingerprint of
 everything that determines its result (its TrialConfig, the feature keys of
 its two layers and evaluation sets, the trial code version), so a re-run can
@@ -17,15 +23,17 @@ import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 
 from orchestrator.config import from_dict
 from orchestrator.grids import Grid, Sampled, unfold
 from orchestrator.keys import content_key
+from orchestrator.similarity_stage import FixedSimilarity
 from orchestrator.spec import SweepSpec
 from trials.config import TRIAL_CODE_VERSION, TrialConfig
+from trials.selection import LayerRule
 
 if TYPE_CHECKING:
     from orchestrator.features import FeatureSet
@@ -37,10 +45,45 @@ class PlannedTrial:
     grid: str
     config: TrialConfig
     params: str = ""  # Optuna's suggestion (JSON) for optuna grids
+    layer_rule: str = ""  # the layer rule that named its pair, canonical (str(LayerRule))
+    similarity_n: int = 0  # training pairs that scored that choice; 0: the rule needs no similarity
 
     def as_param(self) -> dict:
         return {"fingerprint": self.fingerprint, "grid": self.grid,
-                "config": dataclasses.asdict(self.config), "params": self.params}
+                "config": dataclasses.asdict(self.config), "params": self.params,
+                "layer_rule": self.layer_rule, "similarity_n": self.similarity_n}
+
+
+def similarity_source(spec: SweepSpec, similarity, features: Optional[FeatureSet] = None):
+    """What layer rules resolve against: a :class:`LayerSimilarity` as is, or a bare
+    [Li, Lj] matrix as the oracle of the spec's settings (:class:`FixedSimilarity`)."""
+    if hasattr(similarity, "for_trial"):
+        return similarity
+    n_total = len(features.train.text_to_image) if features is not None else None
+    return FixedSimilarity(similarity, spec.similarity, n_total)
+
+
+_DEFAULTS = TrialConfig()
+
+
+def _subsample(values: dict) -> tuple[Optional[int], int]:
+    """(n_train, seed) of a trial's values: the training subsample its selection scores."""
+    return values.get("n_train", _DEFAULTS.n_train), values.get("seed", _DEFAULTS.seed)
+
+
+def resolve_rule(rule: LayerRule, source, n_train, seed) -> tuple[list, int]:
+    """(pairs, similarity_n) a rule names for a trial on subsample (n_train, seed).
+
+    A rule that needs no similarity (``all``, ``last``, ``lastK``, ``[i, j]``)
+    gets similarity_n 0, and the subsample's matrix is still prepared when it
+    can be (``matching``), so the report can put the trial beside the matrix
+    of its own data.
+    """
+    if not rule.needs_similarity:
+        scored = source.matching(n_train, seed)  # None: too few pairs to score
+        return rule.resolve(np.zeros(scored.matrix.shape if scored else source.num_layers)), 0
+    scored = source.for_trial(n_train, seed)  # a subsample too small to score raises, named
+    return rule.resolve(scored.matrix, seed=scored.seed), scored.similarity_n
 
 
 def fingerprint(config: TrialConfig, features: FeatureSet) -> str:
@@ -59,18 +102,24 @@ def _draws(spec: SweepSpec, grid: Grid, combo_index: int) -> list[dict]:
             for _ in range(grid.draw_count(spec.tune.search_config.num_samples))]
 
 
-def plan_trials(spec: SweepSpec, features: FeatureSet, similarity: np.ndarray) -> list[PlannedTrial]:
-    """Every trial of every grid, deduplicated by fingerprint (first grid wins)."""
-    planned: dict[str, PlannedTrial] = {}
+def plan_trials(spec: SweepSpec, features: FeatureSet, similarity) -> list[PlannedTrial]:
+    """Every trial of every grid, deduplicated by fingerprint (first grid wins).
+
+    ``similarity``: a :class:`~orchestrator.similarity_stage.LayerSimilarity` (each
+    trial's rule resolves on its own subsample's matrix, or the oracle's), or
+    one [Li, Lj] matrix used for every trial (:func:`similarity_source`).
+    """
+    source, planned = similarity_source(spec, similarity, features), {}
     for grid in spec.search:
         for index, combo in enumerate(grid.combinations()):
-            pairs = combo.layers.resolve(similarity, seed=spec.similarity.seed)
             for draw in _draws(spec, grid, index):
+                values = {**spec.training, **combo.values, **draw}
+                pairs, n_scored = resolve_rule(combo.layers, source, *_subsample(values))
                 for i, j in pairs:
-                    values = {**spec.training, **combo.values, **draw, "image_layer": i, "text_layer": j}
-                    config = from_dict(TrialConfig, values)
+                    config = from_dict(TrialConfig, {**values, "image_layer": i, "text_layer": j})
                     fp = fingerprint(config, features)
-                    planned.setdefault(fp, PlannedTrial(fp, grid.name, config))
+                    planned.setdefault(fp, PlannedTrial(fp, grid.name, config, layer_rule=str(combo.layers),
+                                                        similarity_n=n_scored))
     return list(planned.values())
 
 
@@ -82,24 +131,83 @@ class OptunaSpace:
 
     choices: dict[str, list]  # dimension -> values, ``preset`` included, in the spec's order
     sample: dict[str, Sampled]
-    pairs: list[list[int]]  # [i, j] layer pairs
+    pairs: list[list[int]]  # [i, j]: every pair a trial of the grid may train
+    # "n_train/seed" of a subsample (or "*": any) -> its slots [i, j, layer_rule, similarity_n]
+    slots: dict[str, list[list]] = dataclasses.field(default_factory=dict)
+
+    def slot(self, index: int, n_train, seed) -> list:
+        """The ``index``-th pair the rules name on subsample (n_train, seed)."""
+        slots = self.slots.get("*") or self.slots[_slot_key(n_train, seed)]
+        return slots[index % len(slots)]
+
+    @property
+    def n_slots(self) -> int:
+        return max((len(v) for v in self.slots.values()), default=len(self.pairs))
 
 
-def optuna_space(spec: SweepSpec, grid: Grid, similarity: np.ndarray) -> OptunaSpace:
+def _slot_key(n_train, seed) -> str:
+    return f"{n_train}/{seed}"
+
+
+def optuna_space(spec: SweepSpec, grid: Grid, similarity) -> OptunaSpace:
     """What Optuna chooses from for one grid.
 
     Every list dimension becomes a categorical choice (``preset`` included),
     sampled dimensions keep their distribution, and the layer pair is a
-    categorical over every pair the grid's layer rules (or its presets' rules)
-    name.
+    categorical over slots: slot k is the k-th pair the grid's layer rules (or
+    its presets' rules) name, in order, duplicates dropped. With the oracle, or
+    rules that need no similarity, the slots are one list for every trial.
+    Per trial, they are resolved on each subsample the grid can draw (its
+    ``n_train`` and ``seed`` must then be listed, not sampled from a range):
+    slot k is the k-th pair on the trial's own data (modulo their count, where
+    the rules name fewer pairs).
     """
     choices = {k: v for k, v in grid.axes().items() if k != "layers"}
-    pairs = []
-    for rule in grid.layer_rules():
-        for pair in rule.resolve(similarity, seed=spec.similarity.seed):
-            if list(pair) not in pairs:
-                pairs.append(list(pair))
-    return OptunaSpace(choices, dict(grid.sample), pairs)
+    source, rules = similarity_source(spec, similarity), grid.layer_rules()
+    subsamples = None
+    if source.selection == "per_trial":
+        subsamples = _optuna_subsamples(spec, grid, choices, any(r.needs_similarity for r in rules))
+        if subsamples is None:  # no rule needs similarity: only the layer counts matter
+            source = FixedSimilarity(np.zeros(source.num_layers), spec.similarity)
+    if subsamples is None:
+        slots = {"*": _slots(rules, source, None, None)}
+    else:
+        slots = {_slot_key(n, s): _slots(rules, source, n, s) for n, s in subsamples}
+    pairs = list(dict.fromkeys((v[0], v[1]) for listed in slots.values() for v in listed))
+    return OptunaSpace(choices, dict(grid.sample), [list(p) for p in pairs], slots)
+
+
+def _slots(rules: list[LayerRule], source, n_train, seed) -> list[list]:
+    """[i, j, layer_rule, similarity_n] of every pair the rules name, first rule first."""
+    named: dict[tuple, list] = {}
+    for rule in rules:
+        pairs, n_scored = resolve_rule(rule, source, n_train, seed)
+        for i, j in pairs:
+            named.setdefault((i, j), [i, j, str(rule), n_scored])
+    return list(named.values())
+
+
+def _optuna_subsamples(spec: SweepSpec, grid: Grid, choices: dict, strict: bool) -> Optional[list]:
+    """Every (n_train, seed) a trial of an Optuna grid can have; None where one is sampled
+    from a range (an error if ``strict``: a rule needs each subsample's similarity)."""
+    def values(name: str) -> Optional[list]:
+        if name in choices:
+            return list(choices[name])
+        if name not in grid.sample:
+            return [spec.training.get(name, getattr(_DEFAULTS, name))]
+        if grid.sample[name].kind == "choice":
+            return list(grid.sample[name].args)
+        if strict:
+            raise ValueError(f"grid {grid.name!r}: per-trial layer selection scores each training "
+                             f"subsample, so {name} must be listed (a value, a list or "
+                             "{choice: [...]}), not sampled from a range; or set "
+                             "similarity.selection: oracle")
+        return None
+
+    n_trains, seeds = values("n_train"), values("seed")
+    if n_trains is None or seeds is None:
+        return None
+    return [(n, s) for n in n_trains for s in seeds]
 
 
 def param_space(space: OptunaSpace) -> dict:
@@ -109,8 +217,8 @@ def param_space(space: OptunaSpace) -> dict:
     out = {f"c__{k}": tune.choice(list(range(len(v)))) for k, v in space.choices.items()
            if len(v) > 1}
     out.update({f"s__{k}": dim.tune_domain() for k, dim in space.sample.items()})
-    if len(space.pairs) > 1:
-        out["pair"] = tune.choice(list(range(len(space.pairs))))
+    if space.n_slots > 1:
+        out["pair"] = tune.choice(list(range(space.n_slots)))
     return out
 
 
@@ -119,11 +227,15 @@ def materialize(spec_training: dict, grid_name: str, space: OptunaSpace, suggest
     """The trial Optuna's ``suggestion`` (a :func:`param_space` point) stands for."""
     combo = unfold({k: v[suggestion.get(f"c__{k}", 0)] for k, v in space.choices.items()})
     sampled = {k: suggestion[f"s__{k}"] for k in space.sample}
-    i, j = space.pairs[suggestion.get("pair", 0)]
-    config = from_dict(TrialConfig, {**spec_training, **combo.values, **sampled,
-                                     "image_layer": i, "text_layer": j})
+    values = {**spec_training, **combo.values, **sampled}
+    if space.slots:
+        i, j, rule, n_scored = space.slot(suggestion.get("pair", 0), *_subsample(values))
+    else:  # a space built before slots existed
+        (i, j), rule, n_scored = space.pairs[suggestion.get("pair", 0)], "", 0
+    config = from_dict(TrialConfig, {**values, "image_layer": i, "text_layer": j})
     params = json.dumps({k: suggestion[k] for k in sorted(suggestion)}, default=float)
-    return PlannedTrial(fingerprint(config, features), grid_name, config, params)
+    return PlannedTrial(fingerprint(config, features), grid_name, config, params,
+                        layer_rule=rule, similarity_n=n_scored)
 
 
 def count_trials(spec: SweepSpec, num_layers: tuple[int, int] | None) -> tuple[int, bool]:

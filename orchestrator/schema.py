@@ -21,6 +21,30 @@ REPORT_FILE = "report.html"
 TABLES = ("trials", "layer_similarity")
 KEYS = {"trials": "fingerprint", "layer_similarity": "row_key"}  # deduplication key per table
 
+# --- layer selection (orchestrator.similarity_stage, orchestrator.planning) -------------
+# Columns of a ``trials`` row about how its layer pair was chosen (not in its fingerprint):
+LAYER_RULE = "layer_rule"  # the rule that named the pair (the first, when two grids or rules
+#   name the same trial: one row per fingerprint), canonical str(LayerRule): "similar",
+#   "last", "all", "top3", "last2", "bins", "[3, 4]", ...; absent in rows written before it
+SIMILARITY_N = "similarity_n"  # training pairs the matrix behind the choice was scored on:
+#   min(similarity.n_samples, N) of the trial's own N pairs (selection per_trial), or of the
+#   whole split (oracle); 0 for a rule that needs no similarity (all, last, lastK, [i, j])
+SELECTIONS = ("per_trial", "oracle")  # similarity.selection
+# ``layer_similarity``: one row per (matrix, image layer, text layer); a per-trial run holds
+# one matrix per training subsample (n_train, seed), an oracle run one for the whole split.
+LAYER_SIMILARITY_COLUMNS = {
+    "row_key": "similarity_key/image_layer/text_layer (deduplication key)",
+    "similarity_key": "the matrix's content key (cache file name)",
+    "metric": "similarity.metric", "k": "similarity.k as written (rule name or integer)",
+    "k_value": "the k used at that sample size (rule applied, clipped to n-1); 0 without k",
+    "n_samples": "similarity.n_samples",
+    "selection": "per_trial | oracle",
+    "n_train": "training pairs the rows were drawn from: the subsample's N (= a trial's "
+               "n_train_used); oracle: the whole split",
+    "seed": "the subsample's seed = the draw's and the bins rule's (oracle: similarity.seed)",
+    "similarity_n": "pairs scored", "image_layer": "i", "text_layer": "j", "score": "metric(i, j)",
+}
+
 # --- trial statuses --------------------------------------------------------------
 DONE, STOPPED, FAILED = "done", "stopped", "failed"  # stopped: cut short by ASHA
 STATUSES = (DONE, STOPPED, FAILED)
@@ -33,7 +57,9 @@ def finished_statuses(include_stopped: bool = True) -> list[str]:
 
 
 # --- metric names ------------------------------------------------------------------
-ZS_METRICS = ("top1", "top1_macro", "top5")
+# zero-shot (trials.evaluate.zero_shot_metrics): micro/macro top-1 accuracy, macro F1,
+# micro/macro top-5 accuracy (top-5 only with >= 5 classes)
+ZS_METRICS = ("top1", "top1_macro", "f1_macro", "top5", "top5_macro")
 RET_PROTOCOLS = ("official", "standard")
 RET_DIRECTIONS = ("I2T", "T2I")
 RET_METRICS = tuple(f"{m}@{k}" for m in ("R", "P", "MAP") for k in (1, 5, 10))

@@ -110,13 +110,24 @@ class DataSpec:
 
 @dataclass
 class SimilaritySpec:
-    """How layer similarity is scored (METHOD.md §6)."""
+    """How layer similarity is scored (METHOD.md §6).
+
+    ``selection``: which data a similarity-based layer rule (``similar``,
+    ``topK``, ``bins``) is scored on. ``per_trial`` (the official order, the
+    default): each training subsample (n_train, seed) scores its own
+    ``min(n_samples, N)`` pairs, drawn from the subsample with the trial's seed,
+    with ``k`` by its rule at that size (an integer k is clipped to the sample).
+    ``oracle``: one matrix on ``n_samples`` pairs of the FULL training split
+    (drawn with ``seed``), the same for every trial: data a low-data trial was
+    not given, kept as a labelled comparison. ``seed`` is the oracle's only.
+    """
 
     metric: Literal["mutual_knn", "cycle_knn", "cka", "unbiased_cka", "cknna"] = "mutual_knn"
     k: Union[int, Literal["rice", "sqrt", "sturges"]] = "rice"
     n_samples: int = 5000
     normalize: bool = True
     seed: int = 0
+    selection: Literal["per_trial", "oracle"] = "per_trial"
 
     def __post_init__(self):
         # k against the sample size needs the training split: orchestrator.validation

@@ -29,12 +29,21 @@ def test_sweep_runs_every_trial_once_then_skips_everything(ray_cluster, tiny_spe
     assert (trials["status"] == "done").all()
     assert trials["zs/classes/top1"].between(0, 1).all()
     assert trials["ret/captions/standard/I2T/R@1"].between(0, 1).all()
+    # layers chosen per trial: one matrix per training subsample (n_train 300, 150, 600; seed 0)
     similarity = ResultsStore(tiny_spec.run_dir).query("layer_similarity")
-    assert len(similarity) == 9
-    best = similarity.loc[similarity["score"].idxmax()]
-    assert (best["image_layer"], best["text_layer"]) == (1, 2)  # the planted pair
+    assert len(similarity) == 3 * 9 and set(similarity["selection"]) == {"per_trial"}
+    for (n, seed), matrix in similarity.groupby(["n_train", "seed"]):
+        best = matrix.loc[matrix["score"].idxmax()]
+        assert (best["image_layer"], best["text_layer"]) == (1, 2), n  # the planted pair
+        assert set(matrix["similarity_n"]) == {min(n, 400)}  # similarity.n_samples: 400
+    similar = trials[trials["layer_rule"] == "similar"]
+    assert len(similar) == 4 and (similar["similarity_n"] == similar["n_train_used"].clip(upper=400)).all()
+    assert set(trials.loc[trials["grid"] == "grid", "layer_rule"]) == {"all"}
+    assert set(trials.loc[trials["layer_rule"] != "similar", "similarity_n"]) == {0}
 
-    second = run_sweep(tiny_spec, log=lambda *_: None)
+    lines = []
+    second = run_sweep(tiny_spec, log=lines.append)
+    assert "3 per_trial similarity matrices: 0 computed, 3 cached" in "\n".join(lines)
     assert second.finished == 0 and second.skipped == first.planned
     assert second.features_computed == 0 and second.features_cached == 8
     assert len(ResultsStore(tiny_spec.run_dir).query("trials")) == first.planned

@@ -33,25 +33,40 @@ def zero_shot_logits(image_emb: torch.Tensor, weights: torch.Tensor) -> torch.Te
 
 
 def zero_shot_metrics(logits: torch.Tensor, labels) -> dict[str, float]:
-    """``top1`` (micro), ``top1_macro`` and, if C >= 5, ``top5`` (micro), as torchmetrics.
+    """Zero-shot classification metrics, as the official torchmetrics objects compute them.
 
-    Macro is torchmetrics' multiclass macro accuracy: the mean per-class recall
-    over the classes that occur in the labels or the predictions (a class only
-    predicted counts with recall 0).
+    * ``top1`` (micro accuracy) and ``top1_macro`` (``Accuracy(top_k=1, average="macro")``):
+      the mean per-class recall over the classes that occur in the labels or the
+      predictions (a class only predicted counts with recall 0);
+    * ``f1_macro`` (the fork's ``top1_f1_macro``, ``F1Score(top_k=1, average="macro")``):
+      the mean over the same classes of 2·TP / (2·TP + FP + FN), as sklearn's
+      ``f1_score(average="macro")`` (labels = those present, zero_division=0);
+    * if C >= 5, ``top5`` (micro) and ``top5_macro`` (``Accuracy(top_k=5,
+      average="macro")``): the mean over the classes present in the LABELS of the
+      fraction of their samples whose label is among the 5 highest logits.
+      torchmetrics >= 1.4 leaves a class absent from the labels out of a top-k
+      macro mean (older versions counted it as 0 when some top-5 list named it;
+      the official version is UNDETERMINED, and it matters only for such classes).
     """
     labels = torch.as_tensor(labels, device=logits.device).long()
     num_classes = logits.shape[1]
     pred = logits.argmax(dim=1)
     hit = (pred == labels).double()
     support = torch.bincount(labels, minlength=num_classes).double()
+    predicted = torch.bincount(pred, minlength=num_classes).double()
     tp = torch.bincount(labels, weights=hit, minlength=num_classes)
-    seen = ((support + torch.bincount(pred, minlength=num_classes)) > 0).double()
+    seen = ((support + predicted) > 0).double()
     recall = tp / support.clamp(min=1)
-    # masked mean, not recall[seen]: boolean indexing would sync with the host
-    out = {"top1": hit.mean(), "top1_macro": (recall * seen).sum() / seen.sum()}
+    f1 = 2 * tp / (support + predicted).clamp(min=1)  # 2TP + FP + FN = support + predicted
+    # masked means, not recall[seen]: boolean indexing would sync with the host
+    out = {"top1": hit.mean(), "top1_macro": (recall * seen).sum() / seen.sum(),
+           "f1_macro": (f1 * seen).sum() / seen.sum()}
     if num_classes >= 5:
-        top5 = logits.topk(5, dim=1).indices
-        out["top5"] = (top5 == labels[:, None]).any(dim=1).double().mean()
+        in_top5 = (logits.topk(5, dim=1).indices == labels[:, None]).any(dim=1).double()
+        present = (support > 0).double()
+        recall5 = torch.bincount(labels, weights=in_top5, minlength=num_classes) / support.clamp(min=1)
+        out["top5"] = in_top5.mean()
+        out["top5_macro"] = (recall5 * present).sum() / present.sum()
     return {key: float(value) for key, value in zip(out, torch.stack(list(out.values())).tolist())}
 
 

@@ -58,6 +58,18 @@ def sample_rows(n_total: int, n_samples: int = N_SELECTION_SAMPLES, seed: int = 
     return np.random.RandomState(seed).choice(n_total, min(n_samples, n_total), replace=False)
 
 
+def selection_rows(train_rows: Any, n_samples: int = N_SELECTION_SAMPLES, seed: int = 0) -> np.ndarray:
+    """The rows a trial's own layer selection scores: ``min(n_samples, N)`` of its N rows.
+
+    The official order of operations (§5.1, §6.1): subsample the training pairs
+    first (``train_rows``, e.g. ``trials.trial.subsample(n_total, n_train, seed)``),
+    then draw the selection sample from the subsample with the same seed; the
+    result indexes the full split, in draw order.
+    """
+    train_rows = np.asarray(train_rows)
+    return train_rows[sample_rows(len(train_rows), n_samples, seed)]
+
+
 def quantile_bins(values: np.ndarray, n_bins: int) -> np.ndarray:
     """``pd.qcut(values, n_bins, labels=False, duplicates="drop")`` as int labels (−1 = no bin).
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -54,6 +54,20 @@ def topk_from_rule(n: int, rule: Union[int, str]) -> int:
     if rule not in TOPK_RULES:
         raise ValueError(f"k={rule!r} is not supported; allowed values: an integer >= 1 or one of {sorted(TOPK_RULES)}")
     return TOPK_RULES[rule](n)
+
+
+def selection_k(metric: str, k: Union[int, str], n: int) -> Optional[int]:
+    """The k a metric scores ``n`` rows with: ``k``'s rule at ``n`` (an integer as given),
+    clipped to ``n − 1`` (a row has n − 1 neighbours); None for a metric without k.
+
+    ValueError when ``n`` rows are too few for the metric (kNN: 2, CKNNA and the
+    unbiased CKA: 4 rows), naming the metric and ``n``.
+    """
+    spec = METRICS.get(metric)
+    smallest = max(spec.min_k + 1 if spec.uses_k else 2, 4 if metric in ("cknna", "unbiased_cka") else 2)
+    if n < smallest:
+        raise ValueError(f"layer similarity {metric!r} needs at least {smallest} rows, got {n}")
+    return min(topk_from_rule(n, k), n - 1) if spec.uses_k else None
 
 
 # --- shared building blocks -------------------------------------------------------------------

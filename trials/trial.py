@@ -65,7 +65,8 @@ def run_trial(data: TrialData, config: TrialConfig, *, device: str = "cpu",
               on_epoch: Callable[[int, dict], Optional[bool]] | None = None) -> dict:
     """Train one pair of heads and evaluate them; returns flat metrics.
 
-    Metric names: ``zs/<set>/top1``, ``zs/<set>/top1_macro``, ``zs/<set>/top5``,
+    Metric names: ``zs/<set>/<top1|top1_macro|f1_macro|top5|top5_macro>`` (top-5 with
+    >= 5 classes; see ``trials.evaluate.zero_shot_metrics``),
     ``ret/<set>/<protocol>/<I2T|T2I>/<R@k|P@k|MAP@k>``, plus training summary.
     """
     start = time.perf_counter()

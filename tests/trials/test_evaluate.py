@@ -52,13 +52,73 @@ def test_zero_shot_metrics_by_hand():
     assert m["top1"] == pytest.approx(3 / 6)
     # per-class recall: c0 1/1, c1 1/2, c2 1/1, c3 0/2, c4 predicted but absent -> counts as 0
     assert m["top1_macro"] == pytest.approx((1 + 0.5 + 1 + 0 + 0) / 5)
+    # per-class F1 = 2TP / (2TP + FP + FN): c0 2/3 (FP: sample 1), c1 2/3 (FN: sample 1),
+    # c2 2/3 (FP: sample 4), c3 0, c4 0 (predicted, absent: counts, as in torchmetrics/sklearn)
+    assert m["f1_macro"] == pytest.approx((2 / 3 + 2 / 3 + 2 / 3 + 0 + 0) / 5)
     assert m["top5"] == pytest.approx(1.0)
+    assert m["top5_macro"] == pytest.approx(1.0)  # 5 classes: every top-5 list holds them all
     assert all(isinstance(v, float) for v in m.values())
+
+
+def test_zero_shot_top5_macro_by_hand():
+    # 7 classes; the label's rank (0 = top) per sample; class 6 never occurs in the labels
+    labels = torch.tensor([0, 0, 0, 1, 2, 2, 3, 4, 5, 5])
+    ranks = torch.tensor([0, 4, 6, 5, 1, 6, 3, 2, 0, 5])
+    logits = torch.zeros(len(labels), 7)
+    for row, (label, rank) in enumerate(zip(labels.tolist(), ranks.tolist())):
+        others = [c for c in range(7) if c != label]
+        order = others[:rank] + [label] + others[rank:]  # the label at position `rank`
+        logits[row, torch.tensor(order)] = torch.arange(7, 0, -1, dtype=torch.float32)
+    m = zero_shot_metrics(logits, labels)
+    # in the top 5 iff rank < 5: c0 2/3, c1 0/1, c2 1/2, c3 1/1, c4 1/1, c5 1/2; c6 absent: left out
+    assert m["top5_macro"] == pytest.approx((2 / 3 + 0 + 1 / 2 + 1 + 1 + 1 / 2) / 6)
+    assert m["top5"] == pytest.approx(6 / 10)
+
+
+def _confusion_reference(logits, labels):
+    """Macro F1 and top-5 macro recall from a numpy confusion matrix (independent of the code)."""
+    import numpy as np
+
+    scores, y = logits.double().numpy(), labels.numpy()
+    classes = scores.shape[1]
+    confusion = np.zeros((classes, classes))
+    np.add.at(confusion, (y, scores.argmax(1)), 1)
+    tp, support, predicted = np.diag(confusion), confusion.sum(1), confusion.sum(0)
+    used = (support + predicted) > 0
+    f1 = np.divide(2 * tp, support + predicted, out=np.zeros(classes), where=used)
+    top5 = np.argsort(-scores, axis=1, kind="stable")[:, :5]
+    hit5 = (top5 == y[:, None]).any(1)
+    recall5 = [hit5[y == c].mean() for c in range(classes) if (y == c).any()]
+    return f1[used].mean(), float(np.mean(recall5))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_zero_shot_macro_metrics_match_a_confusion_matrix(seed):
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, 9, (200,), generator=g)
+    labels[labels == 8] = 7  # class 8 never a label (it may still be predicted)
+    logits = torch.randn(200, 9, generator=g, dtype=torch.float64)
+    logits[torch.arange(200), labels] += 1.0
+    m = zero_shot_metrics(logits, labels)
+    f1, top5_macro = _confusion_reference(logits, labels)
+    assert m["f1_macro"] == pytest.approx(f1, abs=1e-12)
+    assert m["top5_macro"] == pytest.approx(top5_macro, abs=1e-12)
+
+
+def test_zero_shot_f1_macro_matches_sklearn():
+    metrics = pytest.importorskip("sklearn.metrics")
+    g = torch.Generator().manual_seed(5)
+    labels = torch.randint(0, 6, (150,), generator=g)
+    logits = torch.randn(150, 7, generator=g) + 2.0 * torch.nn.functional.one_hot(labels, 7)
+    expected = metrics.f1_score(labels.numpy(), logits.argmax(1).numpy(), average="macro",
+                                zero_division=0)
+    assert zero_shot_metrics(logits, labels)["f1_macro"] == pytest.approx(expected, abs=1e-12)
 
 
 def test_zero_shot_metrics_omit_top5_below_five_classes():
     m = zero_shot_metrics(torch.eye(3), torch.tensor([0, 1, 2]))
-    assert set(m) == {"top1", "top1_macro"} and m["top1"] == 1.0
+    assert set(m) == {"top1", "top1_macro", "f1_macro"} and m["top1"] == 1.0
+    assert m["f1_macro"] == 1.0
 
 
 # ------------------------------------------------------------------ retrieval
