@@ -41,7 +41,8 @@ def test_plan_of_a_sampled_grid_is_pinned(tmp_path):
     from orchestrator.planning import plan_trials
     from orchestrator.spec import load_spec
 
-    data = yaml.safe_load((Path(__file__).parents[2] / "search_spaces" / "demo.yaml").read_text())
+    v01_demo = Path(__file__).parents[2] / "tests" / "data" / "pinned_specs" / "demo.yaml"
+    data = yaml.safe_load(v01_demo.read_text())
     data["search"] = [{"name": "s", "seed": [0, 1], "layers": ["similar", "last"],
                        "lr": {"loguniform": [1e-4, 1e-2]}, "n_train": [100, 300],
                        "structure_lambda": {"choice": [0, 10]}, "num_samples": 3}]
