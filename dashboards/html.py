@@ -84,6 +84,12 @@ def note(text: str) -> str:
     return f"<p class='note'>{esc(text)}</p>"
 
 
+def bullets(title: str, items: list[str]) -> str:
+    """A titled list of sentences; items are escaped."""
+    return (f"<p><b>{esc(title)}</b></p><ul>"
+            + "".join(f"<li>{esc(item)}</li>" for item in items) + "</ul>")
+
+
 def key_values(pairs: list[tuple[str, str]]) -> str:
     """A definition list; values are escaped."""
     rows = "".join(f"<dt>{esc(k)}</dt><dd>{esc(v)}</dd>" for k, v in pairs)

@@ -19,6 +19,7 @@ from dashboards import data as D
 from dashboards import diagnostics as G
 from dashboards import figures as F
 from dashboards import html as H
+from dashboards.findings import claims
 
 MAX_SCALING_PANELS = 4
 
@@ -92,6 +93,9 @@ def scaling_section(run: D.RunData, pairs: dict) -> H.Section:
     headline = next(iter(curves))
     efficiency = D.label_efficiency(curves[headline])
     section.blocks = [F.scaling_figure(curves)]
+    findings = claims(run.done, pairs, headline)
+    if findings:
+        section.blocks.append(H.bullets("What this run says about the paper's claims", findings))
     section.blocks.append(H.efficiency_html(efficiency, headline) if not efficiency.empty else
                           H.note("label efficiency needs the baseline's curve (head + last, no R_S)"))
     return section
