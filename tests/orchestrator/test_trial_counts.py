@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import yaml
@@ -13,7 +15,10 @@ from orchestrator.trial_counts import count_plan
 
 
 class NoFeatures:
-    """The planner keys trials by their features too; one placeholder set for all."""
+    """The planner keys trials by their features too; one placeholder set for all
+    (600 training pairs, the tiny spec's split)."""
+
+    train = SimpleNamespace(text_to_image=range(600))
 
     def keys(self) -> list[str]:
         return []

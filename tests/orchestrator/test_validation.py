@@ -153,8 +153,6 @@ def no_ray(monkeypatch):
 
 
 def assert_rejected(path: str, key: str, words: list[str], capsys, tmp_path) -> None:
-    import ray
-
     capsys.readouterr()  # what building the fixtures printed
     assert cli.main(["validate", path]) == 2
     err = capsys.readouterr().err
@@ -164,7 +162,8 @@ def assert_rejected(path: str, key: str, words: list[str], capsys, tmp_path) -> 
         assert word in err, (word, err)
     assert cli.main(["run", path, "--no-report"]) == 2
     assert f"{path}:{key}" in capsys.readouterr().err
-    assert not ray.is_initialized() and not (tmp_path / "run").exists()
+    # no_ray fails the test if the run reached ray_session (another test may have Ray up)
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("mutate, key, words", [c[1:] for c in CORPUS], ids=[c[0] for c in CORPUS])
