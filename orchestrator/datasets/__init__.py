@@ -33,4 +33,5 @@ from orchestrator.datasets.base import (  # noqa: F401
 # Importing these registers the built-in datasets.
 from orchestrator.datasets import captions, classification, synthetic  # noqa: F401
 from orchestrator.datasets import curated  # noqa: F401  (a data stage: freeze-align §3.2)
+from orchestrator.datasets import mixture  # noqa: F401  (sources cut to sizes: scaling up, distribution shift)
 from orchestrator.datasets.synthetic import SYNTHETIC_VERSION  # noqa: F401

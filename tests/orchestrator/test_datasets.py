@@ -283,3 +283,87 @@ def test_image_folder_max_images_keeps_every_class_seeded(tmp_path):
     uneven = [0] * 10 + [1] + [2] * 10
     keep = stratified_subset(uneven, 9, seed=0)
     assert Counter(uneven[i] for i in keep) == Counter({0: 4, 1: 1, 2: 4})
+
+
+def test_mnist_prompts_are_clip_benchmarks(tmp_path):
+    # METHOD.md §8.1: the official code takes its prompts from CLIP_benchmark's lists;
+    # it records no MNIST-specific names or template, so these are the ones to pin
+    import struct
+
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for prefix in ("train", "t10k"):
+        (raw / f"{prefix}-images-idx3-ubyte").write_bytes(struct.pack(">IIII", 0x0803, 2, 28, 28) + bytes(2 * 784))
+        (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(struct.pack(">II", 0x0801, 2) + bytes([3, 7]))
+    split = load_split("mnist", "test", {"root": str(tmp_path)})
+    assert split.class_names == [str(d) for d in range(10)]
+    assert split.prompts[3] == ['a photo of the number: "3".']
+
+
+# --- mixture ------------------------------------------------------------------------
+
+SYNTH = {"dataset": "synthetic", "options": {"size": 40}}
+
+
+def mix(*sources, seed=0, split="train"):
+    return load_split("mixture", split, {"sources": list(sources), "seed": seed})
+
+
+def test_mixture_sizes_and_seeded_nested_subsets():
+    full = load_split("synthetic", "train", {"size": 40})
+    small, large = mix({**SYNTH, "size": 5}), mix({**SYNTH, "size": "20"})  # a digit string: ${VAR}
+    assert (len(small.texts), len(large.texts), len(mix(SYNTH).texts)) == (5, 20, 40)
+    rows = [int(np.flatnonzero((full.texts == t).all(1))[0]) for t in large.texts]
+    assert rows == sorted(rows)  # source order kept
+    kept = {int(np.flatnonzero((full.texts == t).all(1))[0]) for t in small.texts}
+    assert kept <= set(rows)  # a smaller step is a subset of a larger one (same seed)
+    assert mix({**SYNTH, "size": 5}).fingerprint == small.fingerprint  # seeded: reproducible
+    other = mix({**SYNTH, "size": 5}, seed=1)
+    assert other.fingerprint != small.fingerprint and not np.array_equal(other.texts, small.texts)
+    with pytest.raises(DatasetError, match="source 0 has 40 pairs, fewer than its size 41"):
+        mix({**SYNTH, "size": 41})
+    with pytest.raises(DatasetError, match="size must be an integer >= 0"):
+        mix({**SYNTH, "size": -1})
+
+
+def test_mixture_reindexes_captions_onto_concatenated_images(coco_root):
+    coco = {"dataset": "coco", "options": {"root": str(coco_root), "captions": "all"}}
+    split = mix(coco, {**SYNTH, "size": 3}, coco)
+    # coco: images b, a with captions b a b a b; then 3 synthetic images; then coco again
+    assert split.texts[:5] == ["b first", "a first", "b second", "a second", "b third"]
+    np.testing.assert_array_equal(split.text_to_image, [0, 1, 0, 1, 0, 2, 3, 4, 5, 6, 5, 6, 5])
+    assert len(split.images) == 7 and split.labels is None  # paired: class spaces differ
+    assert split.images[5].size == (12, 10)  # a lazy chain reaches each image in its own part
+    synthetic = load_split("synthetic", "train", {"size": 40})
+    np.testing.assert_array_equal(split.images[2], synthetic.images[np.flatnonzero(
+        (synthetic.texts == split.texts[5]).all(1))[0]])
+    files = mix(coco, {**coco, "size": 2})  # every part file-backed: still image files
+    assert [p.name for p in files.images.paths][:2] == ["b.png", "a.png"] and len(files.texts) == 7
+
+
+def test_mixture_fingerprint_covers_sources_and_sizes(coco_root):
+    coco = {"dataset": "coco", "options": {"root": str(coco_root)}}
+    base = mix(coco, {**SYNTH, "size": 4}).fingerprint
+    assert mix(coco, {**SYNTH, "size": 4}).fingerprint == base
+    changed = [mix(coco, {**SYNTH, "size": 5}), mix(coco, SYNTH), mix({**SYNTH, "size": 4}, coco),
+               mix({**coco, "options": {**coco["options"], "captions": "all"}}, {**SYNTH, "size": 4}),
+               mix(coco, {"dataset": "synthetic", "options": {"size": 41}, "size": 4})]
+    assert len({base, *(s.fingerprint for s in changed)}) == 1 + len(changed)
+
+
+def test_mixture_index_counts_pairs_and_names_bad_sources(coco_root):
+    from orchestrator.datasets import DatasetOptionError, split_index
+
+    coco = {"dataset": "coco", "options": {"root": str(coco_root)}}
+    index = split_index("mixture", "train", {"sources": [coco, {**SYNTH, "size": 7}]}, count=True)
+    assert index.pairs == 2 + 7
+    assert split_index("mixture", "train", {"sources": [coco]}, count=False).pairs is None
+    cases = {"options.sources[1].size": [coco, {**SYNTH, "size": 41}],
+             "options.sources[0].options.root": [{"dataset": "coco", "options": {"root": "/no/coco"}}],
+             "options.sources[0].dataset": [{"dataset": "cocoa"}],
+             "options.sources[0].sise": [{**SYNTH, "sise": 3}],
+             "options.sources": []}
+    for key, sources in cases.items():
+        with pytest.raises(DatasetOptionError) as info:
+            split_index("mixture", "train", {"sources": sources}, count=True)
+        assert info.value.key == key, (key, str(info.value))

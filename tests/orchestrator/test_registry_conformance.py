@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import pickle
 import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -153,6 +154,13 @@ def curated(root, monkeypatch):
                      "prototypes": str(root / "prototypes.npy"), "per_concept": 2, "max": 4}
 
 
+def mixture(root, monkeypatch):
+    # a file-backed source (its path can go missing) and an in-memory one, cut to a size
+    _, table = pairs(root, monkeypatch)
+    return "train", {"seed": 1, "sources": [{"dataset": "pairs", "options": table},
+                                            {"dataset": "synthetic", "options": {"size": 5}, "size": 3}]}
+
+
 # name -> builder(root, monkeypatch) -> (split, options) of a tiny instance.
 DATASET_CASES = {
     "coco": coco, "flickr30k": flickr30k, "pairs": pairs, "image_folder": image_folder,
@@ -160,7 +168,7 @@ DATASET_CASES = {
                      "labels", "batches.meta", "label_names"),
     "cifar100": cifar("cifar-100-python", ["train", "test"], "fine_labels", "meta", "fine_label_names"),
     "stl10": stl10, "food101": food101, "pets": pets, "flowers": flowers, "dtd": dtd, "mnist": mnist,
-    "synthetic": synthetic, "curated": curated,
+    "synthetic": synthetic, "curated": curated, "mixture": mixture,
 }
 
 
@@ -197,13 +205,26 @@ def test_dataset_conforms(name, tmp_path, monkeypatch):
 @pytest.mark.parametrize("name", dataset_names())
 def test_dataset_missing_location_names_dataset_and_layout(name, tmp_path, monkeypatch):
     split_name, options = DATASET_CASES[name](tmp_path, monkeypatch)
-    located = {k for k, v in options.items() if isinstance(v, str) and v.startswith(str(tmp_path))}
+    missing = relocated(options, str(tmp_path))
     if name == "synthetic":
-        assert not located  # made in memory: nothing to be missing
+        assert missing == options  # made in memory: nothing to be missing
         return
-    missing = {**options, **{k: str(tmp_path / "nowhere") for k in located}}
-    with pytest.raises(DatasetError, match=f"(?s)dataset '{name}'.*expected"):
+    assert missing != options
+    # a composite dataset (mixture) reports its source's error: that source is named
+    owner = "pairs" if name == "mixture" else name
+    with pytest.raises(DatasetError, match=f"(?s)dataset '{owner}'.*expected"):
         load_split(name, split_name, missing)
+
+
+def relocated(value, root: str):
+    """``value`` with every path under ``root`` (nested in sources too) moved to nowhere."""
+    if isinstance(value, str) and value.startswith(root):
+        return str(Path(root) / "nowhere")
+    if isinstance(value, dict):
+        return {k: relocated(v, root) for k, v in value.items()}
+    if isinstance(value, list):
+        return [relocated(v, root) for v in value]
+    return value
 
 
 # --- encoders ----------------------------------------------------------------------
