@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from orchestrator.cluster import ray_session
+from orchestrator.cluster import LOOPBACK, ray_session
 from orchestrator.feature_store import FeatureStore
 from orchestrator.features import extract_features
 from orchestrator.planning import plan_trials
@@ -84,9 +84,10 @@ def driver_lock(run_dir: Path):
 
 def run_sweep(spec: SweepSpec, *, address: str | None = None, dashboard: bool = False,
               num_cpus: int | None = None, metrics_port: int | None = None,
-              log=print) -> SweepOutcome:
+              bind: str = LOOPBACK, log=print) -> SweepOutcome:
     """Run what is missing of ``spec`` in its run directory, on the cluster at
-    ``address`` (default: a private local one); see :func:`ray_session`."""
+    ``address`` (default: a private local one listening on ``bind``); see
+    :func:`ray_session`."""
     check_runnable(spec)
     run_dir = spec.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -95,7 +96,7 @@ def run_sweep(spec: SweepSpec, *, address: str | None = None, dashboard: bool = 
         results = ResultsStore(run_dir)
         results.recover()  # an interrupted compaction of an earlier driver
         with ray_session(address, num_cpus=num_cpus, dashboard=dashboard,
-                         metrics_port=metrics_port, log=log):
+                         metrics_port=metrics_port, bind=bind, log=log):
             outcome = _run_stages(spec, results, log)
         if len(results.files("trials")) >= COMPACT_AT_FILES:
             results.compact("trials")
