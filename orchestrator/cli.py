@@ -195,13 +195,14 @@ def _cause_message(err: BaseException) -> str:
 
 def _user_errors() -> tuple[type, ...]:
     """Errors with a message meant for the user (printed without a traceback)."""
+    from orchestrator.actors import EncoderActorDied
     from orchestrator.cluster import BindError
     from orchestrator.datasets import DatasetError
     from orchestrator.encoders import EncoderWeightsMissing
     from orchestrator.driver import RunDirBusy
 
-    return (EncoderWeightsMissing, DatasetError, RunDirBusy, BindError, FileNotFoundError,
-            ValueError)
+    return (EncoderWeightsMissing, DatasetError, RunDirBusy, BindError, EncoderActorDied,
+            FileNotFoundError, ValueError)
 
 
 def main(argv: list[str] | None = None) -> int:
