@@ -198,11 +198,13 @@ def _user_errors() -> tuple[type, ...]:
     from orchestrator.actors import EncoderActorDied
     from orchestrator.cluster import BindError
     from orchestrator.datasets import DatasetError
+    from orchestrator.durable import DiskFull
     from orchestrator.encoders import EncoderWeightsMissing
     from orchestrator.driver import RunDirBusy
+    from orchestrator.results import DamagedPartFile
 
     return (EncoderWeightsMissing, DatasetError, RunDirBusy, BindError, EncoderActorDied,
-            FileNotFoundError, ValueError)
+            DiskFull, DamagedPartFile, FileNotFoundError, ValueError)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from orchestrator.cluster import LOOPBACK, ray_session
+from orchestrator.durable import DiskFull
 from orchestrator.feature_store import FeatureStore
 from orchestrator.features import extract_features
 from orchestrator.planning import plan_trials
@@ -95,12 +96,41 @@ def run_sweep(spec: SweepSpec, *, address: str | None = None, dashboard: bool = 
         save_spec(spec, run_dir)
         results = ResultsStore(run_dir)
         results.recover()  # an interrupted compaction of an earlier driver
+        results.check()  # a damaged part file is refused before any Ray work
         with ray_session(address, num_cpus=num_cpus, dashboard=dashboard,
                          metrics_port=metrics_port, bind=bind, log=log):
-            outcome = _run_stages(spec, results, log)
+            outcome = _stages_with_clear_errors(spec, results, log)
         if len(results.files("trials")) >= COMPACT_AT_FILES:
             results.compact("trials")
         return outcome
+
+
+def _stages_with_clear_errors(spec: SweepSpec, results: ResultsStore, log) -> SweepOutcome:
+    """:func:`_run_stages`, turning a full disk met anywhere below (Tune wraps
+    errors of its callbacks, where results are flushed) into one error that
+    names the file and says how this run continues once there is space."""
+    try:
+        return _run_stages(spec, results, log)
+    except Exception as err:  # noqa: BLE001 -- re-raised unless a full disk is behind it
+        full = _cause_of_type(err, DiskFull)
+        if full is None:
+            raise
+        clear = DiskFull(full.path, full)
+        clear.fix = (f"free space on that filesystem (`df -h {full.path.parent}`), then "
+                     f"`structure-sweep resume {spec.run_dir}`: stored trials are kept and "
+                     "the trials whose rows were not written yet run again")
+        raise clear from err
+
+
+def _cause_of_type(err: BaseException, kind: type) -> BaseException | None:
+    """The first exception of ``kind`` in ``err``'s chain (cause, context, Ray's ``cause``)."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, kind):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__ or getattr(err, "cause", None)
+    return None
 
 
 def _run_stages(spec: SweepSpec, results: ResultsStore, log) -> SweepOutcome:
