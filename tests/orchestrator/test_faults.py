@@ -163,9 +163,10 @@ def test_encoder_actor_killed_mid_extraction_fails_clearly_and_the_next_run_comp
 # --- 2. a node lost mid-sweep --------------------------------------------------------------
 
 def trial_on(raylet_pid: int) -> int | None:
-    """A process below that raylet running a Tune trial, if any."""
+    """A process below that raylet in the middle of a Tune trial, if any (a reused trial
+    actor waiting between trials is titled ray::ImplicitFunc, without .train)."""
     return next((pid for pid, line in processes_below(raylet_pid).items()
-                 if "ImplicitFunc" in line), None)
+                 if "ImplicitFunc.train" in line), None)
 
 
 @pytest.fixture
