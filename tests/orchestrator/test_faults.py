@@ -93,6 +93,16 @@ def processes_below(pid: int) -> dict[int, str]:
     return out
 
 
+def wait_until_cluster_idle(wait_for) -> None:
+    """A driver that stopped on an error left no actor or placement group holding CPUs
+    of the (shared, in-process) cluster: the next run gets all of them."""
+    import ray
+
+    total = ray.cluster_resources()["CPU"]
+    wait_for(lambda: ray.available_resources().get("CPU", 0) == total, 120,
+             what="every CPU of the cluster free again")
+
+
 class Background(threading.Thread):
     """Runs ``body(stop)`` beside the sweep; an exception is re-raised by :meth:`result`."""
 
@@ -136,7 +146,7 @@ def kill_encoder_mid_entry(features: Path, times: int, stop: threading.Event,
 
 @pytest.mark.timeout(900)
 def test_encoder_actor_killed_mid_extraction_fails_clearly_and_the_next_run_completes(
-        ray_cluster, tmp_path, tiny, capsys):
+        ray_cluster, tmp_path, tiny, capsys, wait_for):
     spec = str(write_spec(tmp_path, tiny, layers="similar", slow_image_encoder=True))
     features = tmp_path / "cache" / "features"
     killer = Background(lambda stop: kill_encoder_mid_entry(features, 2, stop))
@@ -150,6 +160,7 @@ def test_encoder_actor_killed_mid_extraction_fails_clearly_and_the_next_run_comp
     store = FeatureStore(features)
     assert all(store.has(p.name, verify=True) for p in features.iterdir()
                if not p.name.startswith("."))
+    wait_until_cluster_idle(wait_for)
 
     assert cli.main(["run", spec, "--no-report"]) == 0
     out = capsys.readouterr().out
@@ -260,7 +271,7 @@ def fill_once_rows_are_stored(run_dir: Path, stop: threading.Event) -> Path | No
 
 @pytest.mark.timeout(900)
 def test_disk_full_while_flushing_stops_clearly_and_resume_finishes(
-        ray_cluster, tmp_path, tiny, small_filesystem, capsys):
+        ray_cluster, tmp_path, tiny, small_filesystem, capsys, wait_for):
     run_dir = small_filesystem
     spec = write_spec(tmp_path, tiny, seeds=2, epochs=8)
     filler = Background(lambda stop: fill_once_rows_are_stored(run_dir, stop))
@@ -274,6 +285,7 @@ def test_disk_full_while_flushing_stops_clearly_and_resume_finishes(
     ResultsStore(run_dir).check()  # every visible part file is whole
     before = raw_rows(run_dir)
     assert 2 <= len(before) < len(planned(run_dir)), "the disk should fill mid-sweep"
+    wait_until_cluster_idle(wait_for)  # the trials in flight were stopped with the driver
 
     (run_dir / "filler").unlink()  # space is back
     assert cli.main(["resume", str(run_dir), "--no-report"]) == 0
