@@ -31,6 +31,14 @@ class EncoderResourcesError(RuntimeError):
     """An encoder asks for more GPUs/CPUs than the whole Ray cluster has."""
 
 
+class EncoderActorDied(RuntimeError):
+    """An encoder's actor process ended while extracting (killed, out of memory, its
+    node lost) more often than Ray restarts it; the message names it and the fix."""
+
+
+RESTARTS = 1  # a killed encoder actor is restarted and its calls retried this often
+
+
 def resolve_device(device: Optional[str]) -> str:
     """``"auto"`` (or None) -> ``"cuda"`` if torch sees a GPU here, else ``"cpu"``.
 
@@ -108,6 +116,8 @@ class EncoderWorker:
         with self.store.lock(key):
             if self.store.has(key, verify=True):  # another extractor finished it while we waited
                 return None
+            if self.store.discard_partials(key) and self.log:  # an extractor killed mid-entry
+                self.log(f"  {task}: removed the partial entry of an interrupted extraction")
             return self._extract(key, inputs, task, meta)
 
     def _split(self, ref: dict):
@@ -214,11 +224,14 @@ def encoder_actor(encoder_spec, cache_root: str, role: str = "encoder"):
     cluster can never satisfy raises :class:`EncoderResourcesError` instead of
     leaving the actor pending forever. Its ``progress`` method runs in a
     separate concurrency group, so a driver can poll it while ``ensure`` is
-    extracting; every other method runs on one thread, in order.
+    extracting; every other method runs on one thread, in order. An actor
+    whose process dies is restarted :data:`RESTARTS` time(s) and its calls
+    retried (``ensure`` is idempotent: a content-keyed entry, taken under the
+    store's lock, the dead writer's partial entry removed).
     """
     check_encoder_fits(encoder_spec, role)
     options = {"num_cpus": encoder_spec.num_cpus, "num_gpus": encoder_spec.num_gpus,
-               "name": None, "max_restarts": 1}
+               "name": None, "max_restarts": RESTARTS, "max_task_retries": RESTARTS}
     return _ray_actor_class().options(**options).remote(asdict(encoder_spec), cache_root)
 
 

@@ -38,6 +38,7 @@ def _resume(args) -> int:
 
 def _sweep(spec, args) -> int:
     from dashboards.report import write_report
+    from orchestrator.cluster import LOOPBACK
     from orchestrator.driver import run_sweep
     from orchestrator.progress import make_display
 
@@ -48,7 +49,8 @@ def _sweep(spec, args) -> int:
     with display:
         outcome = run_sweep(spec, address=args.address, dashboard=args.dashboard,
                             num_cpus=args.num_cpus, metrics_port=args.metrics_port,
-                            log=display.log, on_progress=display.changed)
+                            bind=args.bind or LOOPBACK, log=display.log,
+                            on_progress=display.changed)
     print(f"trials: {outcome.finished} finished"
           + (f" ({outcome.stopped} stopped early)" if outcome.stopped else "")
           + f", {outcome.failed} failed, "
@@ -141,6 +143,11 @@ def _cluster_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--metrics-port", type=int,
                         help="port of a local cluster's Prometheus endpoint (/metrics)")
     parser.add_argument("--num-cpus", type=int, help="CPUs of a local cluster (default: all)")
+    parser.add_argument("--bind", type=_bind_address, default=None, metavar="ADDRESS",
+                        help="where a local cluster listens (default: 127.0.0.1, this machine "
+                             "only); 0.0.0.0: every interface, so other machines can join "
+                             "(Ray's servers then listen on every interface for any address "
+                             "but 127.0.0.1)")
     parser.add_argument("--no-report", action="store_true", help="skip the HTML report")
     parser.add_argument("--progress", choices=("auto", "live", "plain"), default="auto",
                         help="live: a progress panel redrawn in place; plain: a summary line "
@@ -148,6 +155,25 @@ def _cluster_options(parser: argparse.ArgumentParser) -> None:
                              "auto: live on a terminal, else plain")
     parser.add_argument("--progress-interval", type=float, default=10.0, metavar="S",
                         help="seconds between plain summary lines (default: 10)")
+
+
+def _bind_address(value: str) -> str:
+    import ipaddress
+
+    if value == "localhost":
+        return "127.0.0.1"
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is not an IP address (e.g. 127.0.0.1, 0.0.0.0)") from None
+
+
+def _check_options(parser: argparse.ArgumentParser, args) -> None:
+    """Options that contradict each other, rejected before any work starts."""
+    if getattr(args, "bind", None) and getattr(args, "address", None):
+        parser.error("--bind applies to the local cluster this tool starts; a cluster given "
+                     "with --address listens where it was started (ray start --node-ip-address)")
 
 
 def _cause_message(err: BaseException) -> str:
@@ -169,15 +195,22 @@ def _cause_message(err: BaseException) -> str:
 
 def _user_errors() -> tuple[type, ...]:
     """Errors with a message meant for the user (printed without a traceback)."""
+    from orchestrator.actors import EncoderActorDied
+    from orchestrator.cluster import BindError
     from orchestrator.datasets import DatasetError
+    from orchestrator.durable import DiskFull
     from orchestrator.encoders import EncoderWeightsMissing
     from orchestrator.driver import RunDirBusy
+    from orchestrator.results import DamagedPartFile
 
-    return (EncoderWeightsMissing, DatasetError, RunDirBusy, FileNotFoundError, ValueError)
+    return (EncoderWeightsMissing, DatasetError, RunDirBusy, BindError, EncoderActorDied,
+            DiskFull, DamagedPartFile, FileNotFoundError, ValueError)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _check_options(parser, args)
     try:
         return args.func(args)
     except SpecError as err:

@@ -20,7 +20,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from orchestrator.cluster import ray_session
+from orchestrator.cluster import LOOPBACK, ray_session
+from orchestrator.durable import DiskFull
 from orchestrator.feature_store import FeatureStore
 from orchestrator.features import extract_features
 from orchestrator.planning import optuna_space, plan_trials
@@ -83,10 +84,11 @@ def driver_lock(run_dir: Path):
 
 def run_sweep(spec: SweepSpec, *, address: str | None = None, dashboard: bool = False,
               num_cpus: int | None = None, metrics_port: int | None = None,
-              log=print, on_progress=None) -> SweepOutcome:
+              bind: str = LOOPBACK, log=print, on_progress=None) -> SweepOutcome:
     """Run what is missing of ``spec`` in its run directory, on the cluster at
-    ``address`` (default: a private local one); see :func:`ray_session`.
-    ``on_progress(SweepProgress)``: called after each trial event (a live display)."""
+    ``address`` (default: a private local one listening on ``bind``); see
+    :func:`ray_session`. ``on_progress(SweepProgress)``: called after each trial
+    event (a live display)."""
     check_runnable(spec)
     run_dir = spec.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -94,12 +96,42 @@ def run_sweep(spec: SweepSpec, *, address: str | None = None, dashboard: bool = 
         save_spec(spec, run_dir)
         results = ResultsStore(run_dir)
         results.recover()  # an interrupted compaction of an earlier driver
+        results.check()  # a damaged part file is refused before any Ray work
         with ray_session(address, num_cpus=num_cpus, dashboard=dashboard,
-                         metrics_port=metrics_port, log=log):
-            outcome = _run_stages(spec, results, log, on_progress)
+                         metrics_port=metrics_port, bind=bind, log=log):
+            outcome = _stages_with_clear_errors(spec, results, log, on_progress)
         if len(results.files("trials")) >= COMPACT_AT_FILES:
             results.compact("trials")
         return outcome
+
+
+def _stages_with_clear_errors(spec: SweepSpec, results: ResultsStore, log,
+                              on_progress=None) -> SweepOutcome:
+    """:func:`_run_stages`, turning a full disk met anywhere below (Tune wraps
+    errors of its callbacks, where results are flushed) into one error that
+    names the file and says how this run continues once there is space."""
+    try:
+        return _run_stages(spec, results, log, on_progress)
+    except Exception as err:  # noqa: BLE001 -- re-raised unless a full disk is behind it
+        full = _cause_of_type(err, DiskFull)
+        if full is None:
+            raise
+        clear = DiskFull(full.path, full)
+        clear.fix = (f"free space on that filesystem (`df -h {full.path.parent}`), then "
+                     f"`structure-sweep resume {spec.run_dir}`: stored trials are kept and "
+                     "the trials whose rows were not written yet run again")
+        raise clear from err
+
+
+def _cause_of_type(err: BaseException, kind: type) -> BaseException | None:
+    """The first exception of ``kind`` in ``err``'s chain (cause, context, Ray's ``cause``)."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, kind):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__ or getattr(err, "cause", None)
+    return None
 
 
 def _run_stages(spec: SweepSpec, results: ResultsStore, log, on_progress=None) -> SweepOutcome:

@@ -132,6 +132,16 @@ class FeatureStore:
         """An :class:`EntryWriter` for features of ``shape`` [N, L, D], filled batch by batch."""
         return EntryWriter(self, key, shape, meta)
 
+    def discard_partials(self, key: str) -> int:
+        """Remove what interrupted writers of ``key`` left (``.tmp-<key>-*``: a
+        killed extractor never reaches its cleanup). Call it holding
+        :meth:`lock`, so no live writer's directory is removed. Never read
+        anyway (only a renamed, complete entry is); this frees the space."""
+        partials = list(self.root.glob(f".tmp-{key}-*"))
+        for path in partials:
+            shutil.rmtree(path, ignore_errors=True)
+        return len(partials)
+
     def discard(self, key: str) -> None:
         """Remove an entry: renamed away first, so no reader sees it half deleted."""
         if self.path(key).exists():

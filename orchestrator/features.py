@@ -93,12 +93,49 @@ def _run_encoder(role: str, encoder_spec, cache_root: str, tasks: list, log) -> 
     from orchestrator.actors import encoder_actor
 
     actor = encoder_actor(encoder_spec, cache_root, role=role)
+    futures = []
     try:
         futures = [actor.ensure.remote(ref, fields) for ref, fields in tasks]
         outputs = _get_reporting(futures, {role: actor}, log)
         return outputs, ray.get(actor.num_layers.remote())
+    except ray.exceptions.RayActorError as err:  # its process died more often than it restarts
+        raise _actor_died(role, encoder_spec, tasks, futures) from err
     finally:
         ray.kill(actor)  # free its CPUs/GPUs for the next encoder and the trials
+
+
+def _actor_died(role: str, encoder_spec, tasks: list, futures: list):
+    """The error of an encoder actor that died for good: which encoder, which
+    splits it did not finish, and what to do."""
+    from orchestrator.actors import RESTARTS, EncoderActorDied, _task_name
+
+    finished = _finished(futures)
+    left = [_task_name(ref, fields[0]) for (ref, fields), future in zip(tasks, futures)
+            if future not in finished]
+    return EncoderActorDied(
+        f"{role} encoder {encoder_spec.name!r} died while extracting features "
+        f"({len(tasks) - len(left)} of {len(tasks)} splits done; not done: {', '.join(left)}): "
+        f"its actor process ended {RESTARTS + 1} times (killed, out of memory, or its node was "
+        "lost). Nothing partial is used: finished splits stay cached and an interrupted one "
+        "is extracted again from the start. Fix: run the same command again (or "
+        "`structure-sweep resume RUN_DIR`); if it dies again, look for the reason in the "
+        f"worker's log (/tmp/ray/session_latest/logs, `dmesg` for the OOM killer) and give it "
+        f"more memory or lower encoders.{role}.batch_size")
+
+
+def _finished(futures: list) -> set:
+    """The futures that completed without an error (none block)."""
+    import ray
+
+    ready, _ = ray.wait(futures, num_returns=len(futures), timeout=0)
+    ok = set()
+    for future in ready:
+        try:
+            ray.get(future, timeout=0)
+            ok.add(future)
+        except Exception:  # noqa: BLE001 -- failed: not finished
+            pass
+    return ok
 
 
 def _get_reporting(refs: list, actors: dict, log, every_s: float = LOG_EVERY_S) -> list:

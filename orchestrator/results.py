@@ -40,6 +40,12 @@ removed after the inputs are deleted, so :meth:`recover` can finish an
 interrupted compaction (merged file present: delete the inputs) or undo it
 (merged file absent: delete its temp file). Either way every row is readable
 at every moment, at most twice, and readers deduplicate.
+
+Damage from outside (a truncated copy, flipped bytes): part files carry a
+CRC per data page, checked on every read, and a footer Parquet checks
+itself; a part that fails either raises :class:`DamagedPartFile`, which names
+it and the fix. Never a silent skip: its rows would count as pending, and a
+resume would run them again next to the damaged file.
 """
 
 from __future__ import annotations
@@ -58,11 +64,33 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from orchestrator.durable import atomic_write_bytes, fsync_path
+from orchestrator.durable import FULL, DiskFull, atomic_write_bytes, fsync_path
 from orchestrator.schema import (KEYS, PLAN_FILE, RESULTS_DIR, STATUS_RANK, TABLES,
                                  finished_statuses)
 
 MANIFEST = "_compaction.json"
+DAMAGED_DIR = "damaged"  # where the fix moves a damaged part file (outside results/)
+# Written with a CRC per data page, checked on read (files written without them still
+# read), and without min/max statistics: nothing checks those, and a damaged one would
+# silently prune rows from a filtered read.
+WRITE_OPTIONS = {"write_page_checksum": True, "write_statistics": False}
+_PARQUET_FORMAT = ds.ParquetFileFormat(
+    default_fragment_scan_options=ds.ParquetFragmentScanOptions(page_checksum_verification=True))
+
+
+class DamagedPartFile(RuntimeError):
+    """A part file of the store cannot be read: changed outside structure-sweep."""
+
+    def __init__(self, path: Path, reason: str):
+        self.path, self.reason = Path(path), reason
+        run_dir = self.path.parents[2]  # RUN_DIR/results/<table>/part-*.parquet
+        aside = run_dir / DAMAGED_DIR
+        super().__init__(
+            f"results part file {self.path} is damaged ({reason}); it was changed outside "
+            "structure-sweep (truncated copy, disk error, an editor), so its rows cannot be "
+            f"counted. Fix: move it aside (mkdir -p {aside} && mv {self.path} {aside}/), then "
+            f"`structure-sweep resume {run_dir}` recomputes what it held; every other stored "
+            "trial is kept")
 
 
 class ResultsStore:
@@ -103,17 +131,29 @@ class ResultsStore:
                 return pd.DataFrame()
             try:
                 return self._query(table, files, filters, columns, where, dedup)
-            except OSError:  # FileNotFoundError, or pyarrow's own "failed to open"
+            except (OSError, ValueError, pa.ArrowException) as err:  # ValueError: bad UTF-8 too
                 # a concurrent compaction removed a listed part: its rows are in the
                 # merged file now, so one fresh listing reads them all
-                if attempt or all(f.exists() for f in files):
+                if not attempt and not all(f.exists() for f in files):
+                    continue
+                damaged = find_damaged(files)
+                if damaged is None:
                     raise
+                raise damaged from err
         raise AssertionError("unreachable")
+
+    def check(self) -> None:
+        """Raise :class:`DamagedPartFile` for the first part file of any table
+        that does not read whole (footer and every page checksum)."""
+        for table in TABLES:
+            damaged = find_damaged(self.files(table))
+            if damaged is not None:
+                raise damaged
 
     def _query(self, table: str, files: list[Path], filters, columns, where,
                dedup: bool) -> pd.DataFrame:
         schema = _unified_schema(files)
-        dataset = ds.dataset([str(f) for f in files], format="parquet", schema=schema)
+        dataset = ds.dataset([str(f) for f in files], format=_PARQUET_FORMAT, schema=schema)
         expr = where
         for column, value in (filters or {}).items():
             if column not in schema.names:
@@ -163,8 +203,7 @@ class ResultsStore:
             name = f"part-c{uuid.uuid4().hex}.parquet"
             table_ = pa.Table.from_pandas(merged, preserve_index=False)
             tmp = directory / f".{name}.tmp"
-            pq.write_table(table_, tmp)
-            fsync_path(tmp)
+            _write_parquet_file(table_, tmp)
             _write_json(directory / MANIFEST, {"output": name, "inputs": [f.name for f in files]})
             os.rename(tmp, directory / name)
             fsync_path(directory)
@@ -199,9 +238,35 @@ def _recover(directory: Path) -> None:
     fsync_path(directory)
 
 
+def _write_parquet_file(table: pa.Table, path: Path) -> None:
+    """Write and fsync ``path``; on failure remove it (a full disk: :class:`DiskFull`)."""
+    try:
+        pq.write_table(table, path, **WRITE_OPTIONS)
+        fsync_path(path)
+    except OSError as err:
+        path.unlink(missing_ok=True)
+        full = err.errno in FULL or "No space left" in str(err)  # Arrow drops errno
+        if full:
+            raise DiskFull(path, OSError(FULL[0], str(err))) from err
+        raise
+
+
+def find_damaged(files: list[Path]) -> DamagedPartFile | None:
+    """A :class:`DamagedPartFile` for the first of ``files`` that does not read
+    whole (footer, schema, every page and its checksum), else None."""
+    for path in files:
+        try:
+            pq.ParquetFile(path, page_checksum_verification=True).read()
+        except FileNotFoundError:
+            continue  # removed meanwhile (a compaction): not damage
+        except Exception as err:  # noqa: BLE001 -- any failure to read it whole is damage
+            return DamagedPartFile(path, str(err).strip().splitlines()[0] or type(err).__name__)
+    return None
+
+
 def _write_atomic(directory: Path, name: str, table: pa.Table) -> Path:
     buffer = pa.BufferOutputStream()
-    pq.write_table(table, buffer)
+    pq.write_table(table, buffer, **WRITE_OPTIONS)
     atomic_write_bytes(directory / name, buffer.getvalue().to_pybytes())
     return directory / name
 

@@ -10,9 +10,16 @@ import copy
 import functools
 import json
 import os
+import signal
+import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
+
+import orchestrator  # noqa: F401 -- sets Ray's environment (loopback) before any test imports ray
 
 _DEFAULT = Path(__file__).parents[1].parent / "shared/reference/reference_vectors.json"
 # A copy kept in the repo, so a clone without shared/ still checks every case.
@@ -82,11 +89,141 @@ def ray_cluster():
     """One local Ray cluster on 127.0.0.1 for the tests that drive sweeps in-process."""
     import ray
 
-    from orchestrator.cluster import QUIET_ENV
+    from orchestrator.cluster import local_cluster_options
 
-    for key, value in QUIET_ENV.items():
-        os.environ.setdefault(key, value)
     ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR",
-             _node_ip_address="127.0.0.1")
+             **local_cluster_options())
     yield
     ray.shutdown()
+
+
+# --- `structure-sweep` as a subprocess, with its own Ray (fault and loopback tests) -------
+
+ROOT = Path(__file__).parents[1]
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (from /proc: Ray's head processes and workers)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def start_time(pid: int) -> int | None:
+    """The process's start time (clock ticks since boot): with the pid, its identity
+    (a pid alone may be reused by another process once it exits)."""
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _wait_for(predicate, timeout: float, run: "CliRun | None" = None, step: float = 0.2,
+              what: str = ""):
+    """``predicate()`` once truthy; fails after ``timeout`` s (generous: the machine is
+    shared) or as soon as ``run`` exits first, with its output."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        if run is not None and run.proc.poll() is not None:
+            time.sleep(0.5)  # let the reader thread take the last lines
+            pytest.fail(f"the sweep exited ({run.proc.returncode}) before {what or 'the condition'}"
+                        f":\n{run.text()[-3000:]}")
+        time.sleep(step)
+    pytest.fail(f"timed out after {timeout:.0f}s waiting for {what or 'the condition'}"
+                + (f":\n{run.text()[-3000:]}" if run is not None else ""))
+
+
+class CliRun:
+    """One ``structure-sweep`` subprocess; its output is read as it comes (a thread),
+    so a test can wait for a line while the run goes on."""
+
+    def __init__(self, args: list[str], env: dict | None = None):
+        self.proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     text=True, start_new_session=True,
+                                     env={**os.environ, **(env or {})})
+        self.lines: list[str] = []
+        self.known: dict[int, int | None] = {}  # descendant seen -> start time (to kill leftovers)
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self):
+        for line in self.proc.stdout:
+            self.lines.append(line)
+
+    def text(self) -> str:
+        return "".join(self.lines)
+
+    def tree(self) -> list[int]:
+        pids = descendants(self.proc.pid)
+        self.known.update({pid: start_time(pid) for pid in pids if pid not in self.known})
+        return pids
+
+    def finish(self, timeout: float) -> tuple[int, str]:
+        """Wait for the exit (bounded), then the return code and the whole output."""
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            pytest.fail(f"the sweep did not finish in {timeout:.0f}s:\n{self.text()[-3000:]}")
+        self._reader.join(timeout=30)
+        return self.proc.returncode, self.text()
+
+    def kill(self) -> None:
+        """SIGKILL the driver, then whatever Ray processes it started that outlive it
+        (only processes this run started: its descendants)."""
+        self.tree()
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGKILL)
+        for pid, started in sorted(self.known.items()):
+            if started is not None and start_time(pid) == started:  # still that process
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        self.proc.wait(timeout=60)
+
+
+@pytest.fixture
+def wait_for():
+    """``wait_for(predicate, timeout, run=None, step=0.2, what="")``: the predicate's value
+    once truthy; fails on timeout or when ``run`` (a :class:`CliRun`) exits first."""
+    return _wait_for
+
+
+@pytest.fixture
+def sweep_cli():
+    """``start(*args, env=None)`` -> a :class:`CliRun` of ``structure-sweep`` (the console
+    script of this environment); every run still alive at teardown is killed."""
+    runs: list[CliRun] = []
+    script = Path(sys.executable).parent / "structure-sweep"
+    entry = [str(script)] if script.exists() else [sys.executable, "-m", "orchestrator"]
+
+    def start(*args: str, env: dict | None = None) -> CliRun:
+        runs.append(CliRun([*entry, *args], env))
+        return runs[-1]
+
+    yield start
+    for run in runs:
+        if run.proc.poll() is None or run.known:
+            run.kill()
