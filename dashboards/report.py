@@ -20,6 +20,7 @@ from dashboards import diagnostics as G
 from dashboards import figures as F
 from dashboards import html as H
 from dashboards.findings import claims
+from dashboards.neighbourhood import neighbourhood_section
 
 MAX_SCALING_PANELS = 4
 
@@ -230,7 +231,7 @@ def build_sections(run: D.RunData) -> list[H.Section]:
     pairs = D.run_pairs(run)
     return [summary_section(run), table_section(run, pairs), scaling_section(run, pairs),
             layers_section(run, pairs), sensitivity_section(run, pairs), search_section(run),
-            health_section(run)]
+            health_section(run), neighbourhood_section(run)]
 
 
 def render_html(run: D.RunData, refresh: float | None = None) -> str:

@@ -21,7 +21,8 @@ Schema of the ``trials`` table (one row per trial attempt that ended):
 ``params``             Optuna's suggestion (JSON) for optuna grids, else ""
 metrics                ``zs/<set>/top1|top1_macro|top5``,
                        ``ret/<set>/<protocol>/<I2T|T2I>/<R@k|P@k|MAP@k>``,
-                       ``best_val_loss``, ``best_epoch``, ``epochs_run``,
+                       ``best_val_loss``, ``best_val_clip_loss`` (its CLIP
+                       part: Optuna's loss objective), ``best_epoch``, ``epochs_run``,
                        ``lr_used``, ``stopped`` (why training ended),
                        ``n_train_used``; stopped trials carry ``val_loss``
                        and ``epoch`` of their last report
@@ -33,6 +34,11 @@ timings                ``started_at``, ``finished_at`` (unix seconds),
 
 ``layer_similarity``: one row per (image layer, text layer, metric), key
 ``row_key``.
+
+``epochs``: one row per (trial, recorded epoch), key ``row_key`` =
+``fingerprint/epoch``: losses (``val_clip_loss``: ASHA's metric) and the
+neighbourhood agreement ``nbr_image``/``nbr_text``; columns in
+:data:`orchestrator.schema.EPOCH_COLUMNS`.
 
 Compaction (:meth:`ResultsStore.compact`) merges part files into one, guarded
 by ``_compaction.json``: written before the merged file becomes visible and

@@ -3,7 +3,9 @@
 Runs in the driver's Tune loop. Each Tune trial stands for the planned trials
 of one task (``describe(tune_config)``); its final report (see
 :func:`orchestrator.worker.final_report`) becomes one row per planned trial
-in the ``trials`` table, with the trial's config, status and metrics.
+in the ``trials`` table, with the trial's config, status and metrics, and
+its recorded epochs (:data:`orchestrator.worker.EPOCHS_JSON`) become rows of
+the ``epochs`` table (columns: :data:`orchestrator.schema.EPOCH_COLUMNS`).
 """
 
 from __future__ import annotations
@@ -19,15 +21,18 @@ from ray.tune import Callback
 from orchestrator.planning import PlannedTrial
 from orchestrator.progress import TrialLine
 from orchestrator.results import ResultsStore
-from orchestrator.schema import DONE, FAILED, STOPPED, config_column
-from orchestrator.worker import ERROR_CHARS, ROWS_JSON, TRIAL_COMPLETE, report_rows
+from orchestrator.schema import ASHA_METRIC, DONE, FAILED, STOPPED, config_column, epoch_row_key
+from orchestrator.worker import EPOCHS_JSON, ERROR_CHARS, ROWS_JSON, TRIAL_COMPLETE, report_rows
 
 COMPACT_EVERY_FILES = 256  # during a sweep: compact after this many new part files
 
 Describe = Callable[[dict], Sequence[PlannedTrial]]  # Tune config -> its planned trials
 
+# Columns of an ``epochs`` row taken from the trainer's per-epoch row.
+_EPOCH_FIELDS = ("epoch", "train_loss", "val_loss", "val_clip_loss", "nbr_image", "nbr_text")
+
 # Keys of a Tune result that are Tune's or the row's own, not metrics.
-_TUNE_KEYS = {TRIAL_COMPLETE, ROWS_JSON, "time_this_iter_s", "time_total_s", "timestamp",
+_TUNE_KEYS = {TRIAL_COMPLETE, ROWS_JSON, EPOCHS_JSON, "time_this_iter_s", "time_total_s", "timestamp",
               "training_iteration", "iterations_since_restore", "time_since_restore",
               "pid", "node_ip", "date", "done", "config", "trial_id", "experiment_tag",
               "checkpoint_dir_name", "should_checkpoint", "hostname", "fingerprint", "status",
@@ -52,13 +57,14 @@ class ResultsSink(Callback):
         self.monitor, self.scheduled_stops = monitor, scheduled_stops
         self.flush_seconds, self.last_flush = flush_seconds, time.monotonic()
         self.buffer: list[dict] = []
+        self.epoch_buffer: list[dict] = []  # rows of the ``epochs`` table
         self.finished = self.failed = self.stopped = 0
 
     def __getstate__(self):
         # Tune pickles its callbacks into tuner.pkl, only for a Tune-level restore,
         # which this project never does (resume reads the store). The driver's log
         # and monitor (a live display: a terminal, locks) stay out of that copy.
-        return {**self.__dict__, "log": print, "monitor": None, "buffer": []}
+        return {**self.__dict__, "log": print, "monitor": None, "buffer": [], "epoch_buffer": []}
 
     def on_trial_start(self, iteration, trials, trial, **info):
         if self.monitor:
@@ -74,11 +80,12 @@ class ResultsSink(Callback):
         planned = self.describe(trial.config)
         if not result.get(TRIAL_COMPLETE):
             if self.scheduled_stops and "val_loss" in result:
-                return self._add(trial, planned[0], STOPPED,
-                                 {"val_loss": result["val_loss"], "epoch": result.get("epoch")}, "")
+                last = {k: result.get(k) for k in ("val_loss", ASHA_METRIC, "epoch")}
+                return self._add(trial, planned[0], STOPPED, last, "")
             return self._add_failures(trial, planned, "trial ended without a final result")
         for one, row in zip(planned, report_rows(result)):
             status, error = row.pop("status", DONE), row.pop("error", "")
+            self.epoch_buffer.extend(epoch_rows(one, row.pop(EPOCHS_JSON, None)))
             self._add(trial, one, status, row, error)
 
     def on_trial_error(self, iteration, trials, trial, **info):
@@ -129,12 +136,16 @@ class ResultsSink(Callback):
                            f"seed={column('seed')}  {summary}", status))
 
     def flush(self):
+        # epochs first: a trial row present means its epoch rows are too (a crash between
+        # the two writes leaves epoch rows of a trial that re-runs and rewrites them)
+        self.results.write("epochs", self.epoch_buffer)
         written = self.results.write("trials", self.buffer)
-        self.buffer, self.last_flush = [], time.monotonic()
+        self.buffer, self.epoch_buffer, self.last_flush = [], [], time.monotonic()
         if written is not None:
             self.written += 1
             if self.written >= self.compact_every:  # a long sweep: keep the part count bounded
                 self.results.compact("trials")
+                self.results.compact("epochs")
                 self.written = 0
 
 
@@ -147,6 +158,22 @@ def store_row(planned: PlannedTrial, status: str, result: dict, error: str,
             "layer_rule": planned.layer_rule, "similarity_n": planned.similarity_n,
             **{config_column(k): _scalar(v) for k, v in config.items()},
             **{k: v for k, v in result.items() if _is_metric(k, v)}}
+
+
+def epoch_rows(planned: PlannedTrial, epochs_json) -> list[dict]:
+    """The ``epochs`` rows of one trial from its :data:`EPOCHS_JSON` text (None: none)."""
+    config = planned.config
+    return [{"row_key": epoch_row_key(planned.fingerprint, e["epoch"]),
+             "fingerprint": planned.fingerprint,
+             **{k: _number(e.get(k)) for k in _EPOCH_FIELDS},
+             "structure_lambda": float(config.structure_lambda),
+             "lambda_now": _number(e.get("structure_lambda")),
+             "n_train": config.n_train, "seed": config.seed}
+            for e in json.loads(epochs_json or "[]")]
+
+
+def _number(value):
+    return float("nan") if value is None else value
 
 
 def _is_metric(key: str, value) -> bool:

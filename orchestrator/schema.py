@@ -18,8 +18,31 @@ RESULTS_DIR = "results"  # the Parquet store: results/<table>/part-*.parquet
 REPORT_FILE = "report.html"
 
 # --- tables --------------------------------------------------------------------------
-TABLES = ("trials", "layer_similarity")
-KEYS = {"trials": "fingerprint", "layer_similarity": "row_key"}  # deduplication key per table
+TABLES = ("trials", "layer_similarity", "epochs")
+KEYS = {"trials": "fingerprint", "layer_similarity": "row_key",
+        "epochs": "row_key"}  # deduplication key per table
+
+# ``epochs``: one row per (trial, recorded epoch), written with the trial's row by the
+# results sink (orchestrator.results_sink). Every trained trial records epoch 0 and every
+# ``max(1, epochs // 50)``-th epoch after it (trials.neighbourhood.record_stride), so a trial
+# holds at most ~50 rows; closed-form heads and ASHA-stopped trials (no final report) hold none.
+EPOCH_COLUMNS = {
+    "row_key": "fingerprint/epoch (deduplication key)",
+    "fingerprint": "the trial's", "epoch": "0-based epoch",
+    "train_loss": "mean training loss of the epoch (CLIP + λ·R_S)",
+    "val_loss": "validation loss the trainer selects on (CLIP + λ·R_S)",
+    "val_clip_loss": "its CLIP part alone: what ASHA ranks on",
+    "structure_lambda": "the trial's λ (config/structure_lambda)",
+    "lambda_now": "λ in effect that epoch (after the warm-up)",
+    "n_train": "config/n_train", "seed": "config/seed",
+    "nbr_image": "mutual-kNN agreement (k=10) of the frozen image features and the image "
+                 "head's output on the probe set: the first min(500, n_val) validation pairs",
+    "nbr_text": "the same for the text encoder and head",
+}
+
+
+def epoch_row_key(fingerprint: str, epoch: int) -> str:
+    return f"{fingerprint}/{int(epoch)}"
 
 # --- layer selection (orchestrator.similarity_stage, orchestrator.planning) -------------
 # Columns of a ``trials`` row about how its layer pair was chosen (not in its fingerprint):
@@ -63,7 +86,16 @@ ZS_METRICS = ("top1", "top1_macro", "f1_macro", "top5", "top5_macro")
 RET_PROTOCOLS = ("official", "standard")
 RET_DIRECTIONS = ("I2T", "T2I")
 RET_METRICS = tuple(f"{m}@{k}" for m in ("R", "P", "MAP") for k in (1, 5, 10))
-VAL_LOSS = "best_val_loss"
+VAL_LOSS = "best_val_loss"  # CLIP + λ·R_S at the best epoch: favours λ = 0 by construction
+# Fair objectives (no λ·R_S term), so schedulers compare λ settings on equal terms:
+VAL_CLIP_LOSS = "best_val_clip_loss"  # the CLIP part of the validation loss, best epoch
+ASHA_METRIC = "val_clip_loss"  # per-epoch CLIP part of the validation loss: ASHA's rank
+
+
+def fair_objective(metric: str) -> str:
+    """Optuna's objective for a spec's metric: ``best_val_loss`` (the spec default when
+    it has no evaluation set) contains λ·R_S, so it is replaced by ``best_val_clip_loss``."""
+    return VAL_CLIP_LOSS if metric == VAL_LOSS else metric
 
 
 def zs_metric(dataset: str, metric: str) -> str:
@@ -97,7 +129,7 @@ def metric_names(zero_shot: Iterable[str], retrieval: Iterable[str]) -> list[str
     return ([zs_metric(s, m) for s in zero_shot for m in ZS_METRICS]
             + [ret_metric(s, p, d, m) for s in retrieval for p in RET_PROTOCOLS
                for d in RET_DIRECTIONS for m in RET_METRICS]
-            + [VAL_LOSS])
+            + [VAL_LOSS, VAL_CLIP_LOSS])
 
 
 def default_mode(metric: str) -> str:

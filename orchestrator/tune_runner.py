@@ -36,7 +36,7 @@ from orchestrator.features import FeatureSet
 from orchestrator.planning import PlannedTrial, optuna_space, param_space
 from orchestrator.results import ResultsStore
 from orchestrator.results_sink import ResultsSink
-from orchestrator.schema import finished_statuses
+from orchestrator.schema import ASHA_METRIC, fair_objective, finished_statuses
 from orchestrator.spec import SweepSpec
 from orchestrator.status import write_plan
 from orchestrator.worker import OptunaGridTask, TrialTask, WorkerContext, WorkerPayload, trainable
@@ -297,14 +297,16 @@ def concurrency(spec: SweepSpec) -> int:
 
 
 def asha_scheduler(spec: SweepSpec):
-    """The ASHA scheduler of an ``asha`` spec (on per-epoch ``val_loss``), else None (FIFO)."""
+    """The ASHA scheduler of an ``asha`` spec, else None (FIFO). It ranks on the per-epoch
+    CLIP part of the validation loss (``val_clip_loss``): ``val_loss`` adds λ·R_S and would
+    stop λ > 0 trials for carrying the regulariser, not for aligning worse."""
     if spec.tune.search_config.scheduler != "asha":
         return None
     from ray.tune.schedulers import ASHAScheduler
 
     asha = spec.tune.search_config.asha
     max_t = asha.max_t or int(spec.training.get("epochs", 1000))
-    return ASHAScheduler(time_attr="epoch", metric="val_loss", mode="min", max_t=max_t,
+    return ASHAScheduler(time_attr="epoch", metric=ASHA_METRIC, mode="min", max_t=max_t,
                          grace_period=asha.grace_period, reduction_factor=asha.reduction_factor,
                          stop_last_trials=False)  # a trial that reaches max_t finishes
 
@@ -360,7 +362,8 @@ def optuna_searcher(spec: SweepSpec, space: dict, finished):
             if self.metric in result:
                 super().on_trial_result(trial_id, result)
 
-    metric, mode = spec.tune.search_config.metric, spec.tune.search_config.mode
+    # best_val_loss contains λ·R_S: Optuna learns from its CLIP part instead (same mode, min)
+    metric, mode = fair_objective(spec.tune.search_config.metric), spec.tune.search_config.mode
     # A resumed search draws a fresh random stream (same seed would repeat old draws).
     seed = spec.tune.search_config.seed + len(finished)
     return _FinalOnly(space, metric=metric, mode=mode, sampler=TPESampler(seed=seed),

@@ -24,8 +24,8 @@ from typing import Any, Callable, Optional
 
 from orchestrator.features import FeatureSet, Fetch, trial_data
 from orchestrator.planning import OptunaSpace, PlannedTrial, materialize
-from orchestrator.schema import DONE, FAILED
-from trials.trial import TrialData, run_trial
+from orchestrator.schema import ASHA_METRIC, DONE, FAILED
+from trials.trial import EPOCH_ROWS, TrialData, run_trial
 
 # Errors of a trial's own inputs (training diverged, CSA rank errors, bad head
 # options): a retry would fail the same way, so they become a failed row at once.
@@ -35,6 +35,8 @@ ERROR_CHARS = 4000  # the tail of a traceback kept in a failed row
 # Keys of a trial's final report (read back by orchestrator.results_sink).
 TRIAL_COMPLETE = "trial_complete"  # present only in the final report
 ROWS_JSON = "rows_json"  # a task of several trials: every row, as JSON
+EPOCHS_JSON = "epochs_json"  # in each row: the trial's recorded epoch rows, as JSON text
+#   (text, not a list: Tune's loggers flatten results; the sink writes them to ``epochs``)
 
 Train = Callable[..., dict]  # run_trial's signature: (data, config, *, device, on_epoch)
 Report = Callable[[dict], None]
@@ -43,7 +45,7 @@ Report = Callable[[dict], None]
 @dataclass(frozen=True)
 class WorkerContext:
     """How trials run: on which device, and whether they report every epoch
-    (``val_loss``, for the ASHA scheduler)."""
+    (``val_loss`` and ``val_clip_loss``, the latter ASHA's metric)."""
 
     device: str = "cpu"
     report_epochs: bool = False
@@ -111,7 +113,8 @@ def run_task(task: TrialTask, features: FeatureSet, fetch: Fetch,
     :data:`DETERMINISTIC_ERRORS` error becomes a failed row. Any other error
     (worker death, CUDA OOM: maybe transient) is raised for a one-trial task,
     so Tune retries it; in a task of several it is a failed row, so the
-    others are kept. ``report`` receives per-epoch ``val_loss`` when
+    others are kept. Each row carries its recorded epochs as :data:`EPOCHS_JSON`.
+    ``report`` receives per-epoch ``val_loss`` and ``val_clip_loss`` when
     ``context.report_epochs``; ``train`` is the trial function.
     """
     started = time.time()
@@ -123,6 +126,7 @@ def run_task(task: TrialTask, features: FeatureSet, fetch: Fetch,
         status, error, metrics = _attempt(trial, data, context.device, on_epoch, train,
                                           reraise=len(task.trials) == 1)
         end = time.time()
+        metrics[EPOCHS_JSON] = json.dumps(metrics.pop(EPOCH_ROWS, []))
         rows.append({"fingerprint": trial.fingerprint, "status": status, "error": error,
                      **metrics, "started_at": t0, "finished_at": end, "host": host,
                      "trial_seconds": end - (started if not rows else t0)})  # 1st: with the fetch
@@ -144,7 +148,8 @@ def _attempt(trial: PlannedTrial, data: TrialData, device: str, on_epoch, train:
 
 def _epoch_reporter(report: Report):
     def on_epoch(epoch: int, metrics: dict) -> None:
-        report({"val_loss": metrics["val_loss"], "epoch": epoch + 1})
+        report({"val_loss": metrics["val_loss"], ASHA_METRIC: metrics[ASHA_METRIC],
+                "epoch": epoch + 1})
     return on_epoch
 
 

@@ -29,6 +29,11 @@ def test_sweep_runs_every_trial_once_then_skips_everything(ray_cluster, tiny_spe
     assert (trials["status"] == "done").all()
     assert trials["zs/classes/top1"].between(0, 1).all()
     assert trials["ret/captions/standard/I2T/R@1"].between(0, 1).all()
+    # every finished trial recorded its epochs (the spec asks for nothing: on by default)
+    epochs = ResultsStore(tiny_spec.run_dir).query("epochs")
+    assert set(epochs["fingerprint"]) == set(trials["fingerprint"])
+    assert epochs["nbr_image"].between(0, 1).all() and epochs["nbr_text"].between(0, 1).all()
+    assert epochs["row_key"].is_unique
     # layers chosen per trial: one matrix per training subsample (n_train 300, 150, 600; seed 0)
     similarity = ResultsStore(tiny_spec.run_dir).query("layer_similarity")
     assert len(similarity) == 3 * 9 and set(similarity["selection"]) == {"per_trial"}

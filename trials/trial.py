@@ -21,7 +21,10 @@ from trials.evaluate import retrieval_metrics, zero_shot_logits, zero_shot_metri
 from trials.head_options import is_closed_form
 from trials.heads import HEADS, build_head
 from trials.losses import AlignmentLoss
+from trials.neighbourhood import EpochRecorder, record_stride, validation_clip_loss
 from trials.train import train_alignment
+
+EPOCH_ROWS = "epoch_rows"  # run_trial's list of recorded per-epoch rows (not a metric)
 
 
 @dataclass
@@ -67,7 +70,10 @@ def run_trial(data: TrialData, config: TrialConfig, *, device: str = "cpu",
 
     Metric names: ``zs/<set>/<top1|top1_macro|f1_macro|top5|top5_macro>`` (top-5 with
     >= 5 classes; see ``trials.evaluate.zero_shot_metrics``),
-    ``ret/<set>/<protocol>/<I2T|T2I>/<R@k|P@k|MAP@k>``, plus training summary.
+    ``ret/<set>/<protocol>/<I2T|T2I>/<R@k|P@k|MAP@k>``, plus training summary
+    (``best_val_clip_loss``: the CLIP part of the validation loss of the restored
+    best epoch) and :data:`EPOCH_ROWS`, the rows of ``trials.neighbourhood.EpochRecorder``.
+    ``on_epoch`` sees each epoch's row with ``val_clip_loss`` added.
     """
     start = time.perf_counter()
     # A copy: inputs may be read-only views (memory maps, Ray's object store).
@@ -94,18 +100,26 @@ def _train_heads(train_image, train_text, data, config, to, on_epoch):
     text_head = build_head(config.head, train_text.shape[1], config.out_dim,
                            **config.head_options).to(device)
     loss_fn = AlignmentLoss(config.loss_options())
+    # λ = 0: the CLIP term alone, the fair objective for schedulers (no λ·R_S)
+    clip_only = AlignmentLoss(config.loss_options(), structure_lambda=0.0)
+    train_config = config.train_config(str(device))
+    val_image, val_text = to(data.val_image), to(data.val_text)
+    recorder = EpochRecorder((image_head, text_head), val_image, val_text, train_config.batch_size,
+                             clip_only, record_stride(train_config.epochs), forward=on_epoch)
     result = train_alignment(image_head, text_head, loss_fn, train_image, train_text,
-                             to(data.val_image), to(data.val_text), config.train_config(str(device)),
-                             on_epoch=on_epoch)
+                             val_image, val_text, train_config, on_epoch=recorder)
     if not math.isfinite(result.best_val_loss):
         raise FloatingPointError(
             f"training diverged: the validation loss was never finite in {len(result.history)} "
             f"epochs (lr={result.lr:g}); lower `lr` (or set it to null for the LR finder), "
             "`structure_lambda` or `temperature`")
     image_head.eval(), text_head.eval()
-    summary = {"best_val_loss": result.best_val_loss, "best_epoch": result.best_epoch,
-               "epochs_run": len(result.history), "lr_used": result.lr,
-               "stopped": result.stopped}
+    # the heads are the restored best epoch's: its CLIP-only loss is Optuna's fair objective
+    best_clip = validation_clip_loss(image_head, text_head, val_image, val_text,
+                                     train_config.batch_size, clip_only)
+    summary = {"best_val_loss": result.best_val_loss, "best_val_clip_loss": best_clip,
+               "best_epoch": result.best_epoch, "epochs_run": len(result.history),
+               "lr_used": result.lr, "stopped": result.stopped, EPOCH_ROWS: recorder.rows}
     return image_head, text_head, _head_class_vectors(text_head), summary
 
 
@@ -113,8 +127,8 @@ def _fit_closed_form(train_image, train_text, config):
     """Fit the head in closed form: its fitting function is the head's registered code."""
     fit = HEADS.get(config.head)(train_image, train_text, config.out_dim, seed=config.seed,
                                  **config.head_options)
-    summary = {"best_val_loss": float("nan"), "best_epoch": 0, "epochs_run": 0,
-               "lr_used": float("nan"), "stopped": "closed_form"}
+    summary = {"best_val_loss": float("nan"), "best_val_clip_loss": float("nan"), "best_epoch": 0,
+               "epochs_run": 0, "lr_used": float("nan"), "stopped": "closed_form", EPOCH_ROWS: []}
     return fit.transform_x, fit.transform_y, fit.class_vectors, summary
 
 

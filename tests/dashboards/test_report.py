@@ -14,7 +14,7 @@ from orchestrator.cli import build_parser
 from tests.dashboards.conftest import build_rows, problem_rows, similarity_rows, write_run
 
 EXPECTED_FIGURES = {"summary": 0, "table": 0, "scaling": 1, "layers": 2, "sensitivity": 3,
-                    "search": 3, "health": 2}
+                    "search": 3, "health": 2, "neighbourhood": 0}  # the toy run has no epochs
 
 
 def test_every_section_has_its_figures(toy_run):

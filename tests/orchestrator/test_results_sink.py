@@ -97,3 +97,26 @@ def test_tune_can_pickle_the_sink_with_a_live_display_attached(tmp_path):
     sink.monitor.on_change = lambda p, lock=lock: None
     copy = cloudpickle.loads(cloudpickle.dumps(sink))  # as Tune writes tuner.pkl
     assert copy.monitor is None and copy.total == sink.total and sink.log is not print
+
+
+def test_recorded_epochs_reach_the_epochs_table_with_the_trials_row(tmp_path):
+    import json
+
+    from orchestrator.worker import EPOCHS_JSON
+    epochs = [{"epoch": e, "train_loss": 1.0, "val_loss": 2.0 - e, "val_clip_loss": 1.5 - e,
+               "structure_lambda": 0.5 * e, "nbr_image": 0.4, "nbr_text": 0.3} for e in (0, 1)]
+    rows = [{"fingerprint": "a", "status": DONE, "error": "", "zs/x/top1": 0.5,
+             EPOCHS_JSON: json.dumps(epochs)},
+            {"fingerprint": "b", "status": FAILED, "error": "boom", EPOCHS_JSON: "[]"}]
+    sink, _ = sink_for(tmp_path)
+    sink.on_trial_complete(0, [], tune_trial(final_report(rows)))
+    sink.on_trial_complete(0, [], tune_trial(final_report(rows)))  # a duplicate: deduplicated
+    sink.flush()
+    store = ResultsStore(tmp_path)
+    assert EPOCHS_JSON not in store.query("trials").columns
+    frame = store.query("epochs").sort_values("epoch")
+    assert list(frame["row_key"]) == ["a/0", "a/1"] and set(frame["fingerprint"]) == {"a"}
+    assert list(frame["val_clip_loss"]) == [1.5, 0.5] and list(frame["lambda_now"]) == [0.0, 0.5]
+    assert list(frame["nbr_image"]) == [0.4, 0.4] and list(frame["nbr_text"]) == [0.3, 0.3]
+    assert set(frame["structure_lambda"]) == {PLANNED[0].config.structure_lambda}
+    assert set(frame["seed"]) == {0}

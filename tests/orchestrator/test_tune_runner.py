@@ -77,3 +77,14 @@ def test_optuna_grids_count_their_stored_finished_trials(tmp_path):
     (tpe,) = optuna_grids(SimpleNamespace(search=spec.search[:1], tune=spec.tune), store,
                           include_stopped=False)
     assert len(tpe.finished) == 1
+
+
+def test_schedulers_rank_on_objectives_without_the_regulariser():
+    from orchestrator.schema import fair_objective
+    from orchestrator.tune_runner import asha_scheduler
+    asha = SimpleNamespace(max_t=5, grace_period=1, reduction_factor=2)
+    spec = SimpleNamespace(training={}, tune=SimpleNamespace(
+        search_config=SimpleNamespace(scheduler="asha", asha=asha)))
+    assert asha_scheduler(spec).metric == "val_clip_loss"  # val_loss carries λ·R_S
+    assert fair_objective("best_val_loss") == "best_val_clip_loss"
+    assert fair_objective("zs/cifar10/top1") == "zs/cifar10/top1"  # a metric is already fair

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
 from orchestrator.features import FeatureSet, SplitFeatures
 from orchestrator.planning import PlannedTrial
-from orchestrator.schema import DONE, FAILED
-from orchestrator.worker import (ROWS_JSON, TRIAL_COMPLETE, TrialTask, WorkerContext,
+from orchestrator.schema import ASHA_METRIC, DONE, FAILED
+from orchestrator.worker import (EPOCHS_JSON, ROWS_JSON, TRIAL_COMPLETE, TrialTask, WorkerContext,
                                  WorkerPayload, final_report, report_rows, run_task)
 from trials.config import TrialConfig
 
@@ -117,8 +119,17 @@ def test_per_epoch_val_loss_is_reported_only_when_asked(features, report_epochs)
     if report_epochs:
         assert [r["epoch"] for r in reports] == list(range(1, row["epochs_run"] + 1))
         assert all(np.isfinite(r["val_loss"]) for r in reports)
+        assert all(np.isfinite(r[ASHA_METRIC]) for r in reports)  # the scheduler's metric
     else:
         assert reports == []
+
+
+def test_a_row_carries_its_recorded_epochs_as_json(features):
+    (row,) = run_task(TrialTask((trial("e1", patience=3, epochs=3),)), features, Fetch(features))
+    epochs = json.loads(row[EPOCHS_JSON])
+    assert [e["epoch"] for e in epochs] == list(range(row["epochs_run"]))
+    assert all(0 <= e["nbr_image"] <= 1 and 0 <= e["nbr_text"] <= 1 for e in epochs)
+    assert np.isfinite(row["best_val_clip_loss"])
 
 
 def test_final_report_round_trips_one_or_many_rows():
