@@ -81,7 +81,8 @@ def select_encoder_pairs(spec, store: FeatureStore, results: Optional[ResultsSto
     settings = spec.encoder_selection
     probe = extract_probe(spec, str(store.root), log, run)
     scores = [score_pair(store, probe, pair, settings) for pair in all_pairs(spec.encoders)]
-    ranked = sorted(scores, key=lambda s: -s.score)  # stable: a tie keeps the spec's order
+    # stable: a tie keeps the spec's order; a pair without a finite score ranks last
+    ranked = sorted(scores, key=lambda s: -s.score if np.isfinite(s.score) else np.inf)
     if results is not None:
         write_selection(results, spec, probe, ranked)
     for rank, s in enumerate(ranked, 1):
@@ -136,8 +137,15 @@ def score_pair(store: FeatureStore, probe: ProbeFeatures, pair: EncoderPair, set
         return _matrix(x, y, settings)
 
     matrix, _ = cached_array(store, key, compute)
-    best = tuple(int(v) for v in np.unravel_index(np.argmax(matrix), matrix.shape))
+    best = best_layers(matrix)
     return PairScore(pair, key, matrix, best, float(matrix[best]), float(matrix[-1, -1]), len(rows))
+
+
+def best_layers(matrix: np.ndarray) -> tuple[int, int]:
+    """The best-scoring layer pair. A layer whose features are constant on the probe (e.g. the
+    CLS position of a text model's embedding output) scores NaN with CKA's eps = 0: skipped."""
+    finite = np.where(np.isfinite(matrix), matrix, -np.inf)
+    return tuple(int(v) for v in np.unravel_index(np.argmax(finite), matrix.shape))
 
 
 def _layers(store: FeatureStore, key: str, rows: np.ndarray, text_to_image=None):
@@ -157,7 +165,7 @@ def caption_means(texts, text_to_image: np.ndarray):
     """[n_images, D] mean caption feature per image (zeros for an image without captions)."""
     import torch
 
-    index = torch.from_numpy(np.asarray(text_to_image, dtype=np.int64))
+    index = torch.from_numpy(np.array(text_to_image, dtype=np.int64))  # a copy: Ray hands read-only arrays
     n_images = int(index.max()) + 1 if len(index) else 0
     sums = torch.zeros(n_images, texts.shape[1], dtype=texts.dtype).index_add_(0, index, texts)
     counts = torch.bincount(index, minlength=n_images).clamp(min=1).to(texts.dtype)

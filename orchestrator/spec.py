@@ -22,7 +22,7 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
-from orchestrator.config import SpecError, check_device, check_finite, check_min, from_dict
+from orchestrator.config import SpecError, _convert, check_device, check_finite, check_min, from_dict
 from orchestrator.durable import atomic_write_bytes
 from orchestrator.encoders import DTYPES as ENCODER_DTYPES
 from orchestrator.env_vars import substitute_env, unresolved_variables
@@ -227,7 +227,8 @@ class SweepSpec:
         "parse": parse_search, "expects": "a grid (a mapping of dimension -> values) or a list of grids"})
     training: dict = field(default_factory=dict)
     similarity: SimilaritySpec = field(default_factory=SimilaritySpec)
-    encoder_selection: Optional[EncoderSelectionSpec] = None  # freeze-align §3.1, before any trial
+    encoder_selection: Optional[EncoderSelectionSpec] = field(default=None, metadata={  # freeze-align §3.1
+        "parse": lambda v, at: None if v is None else _convert(v, EncoderSelectionSpec, at)})
     tune: TuneSpec = field(default_factory=TuneSpec, metadata={"parse": TuneSpec.parse})
     output_dir: Optional[str] = None  # default: runs/<name>
     cache_dir: Optional[str] = None  # default: $STRUCTURE_SWEEP_CACHE or ~/.cache/structure-sweep
