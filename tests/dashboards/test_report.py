@@ -13,7 +13,7 @@ from dashboards.report import build_sections, watch, write_report
 from orchestrator.cli import build_parser
 from tests.dashboards.conftest import build_rows, problem_rows, similarity_rows, write_run
 
-EXPECTED_FIGURES = {"summary": 0, "table": 0, "scaling": 1, "layers": 2, "sensitivity": 3,
+EXPECTED_FIGURES = {"summary": 0, "encoders": 0, "table": 0, "scaling": 1, "layers": 2, "sensitivity": 3,
                     "search": 3, "health": 2}
 
 
