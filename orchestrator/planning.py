@@ -12,6 +12,11 @@ everything that determines its result (its TrialConfig, the feature keys of
 its two layers and evaluation sets, the trial code version), so a re-run can
 skip what is stored and two grids asking for the same trial run it once.
 
+Several candidate encoders make the encoder pair a dimension too
+(:func:`plan_pairs`): each grid plans its trials on every pair its
+``encoder_pairs`` names (:mod:`orchestrator.pair_rules`), with that pair's
+features and similarity; the pair's labels ride on the PlannedTrial.
+
 Optuna grids are not planned ahead: :func:`optuna_space` describes what Optuna
 chooses from and :func:`materialize` turns one of its suggestions into a
 TrialConfig, the same way in the trial and in the driver.

@@ -247,3 +247,18 @@ def test_a_constant_layer_scores_nan_and_is_skipped():
 
     matrix = np.array([[np.nan, 0.2], [0.5, np.nan]])  # CKA of a constant layer: 0/0 without eps
     assert best_layers(matrix) == (1, 0)
+
+
+def test_an_optuna_search_runs_on_the_one_selected_pair(tmp_path):
+    from orchestrator.planning import materialize, optuna_space
+    from orchestrator.similarity_stage import FixedSimilarity
+
+    spec = demo(tmp_path, lambda d: d.update(
+        search=[{"name": "tpe", "encoder_pairs": "top1", "layers": ["similar", "last"],
+                 "lr": {"loguniform": [1e-4, 1e-2]}}], tune={"search": "optuna", "num_samples": 2}))
+    pair = all_pairs(spec.encoders)[4]  # whichever the selection ranks first
+    source = FixedSimilarity(np.arange(16.0).reshape(4, 4), spec.similarity)
+    source.pair = pair  # as the driver's LayerSimilarity of that pair
+    trial = materialize(spec.training, "tpe", optuna_space(spec, spec.search[0], source), {"s__lr": 1e-3},
+                        _features(pair))
+    assert trial.encoder_pair == pair.labels
