@@ -89,27 +89,29 @@ def extract_pairs(spec, pairs: list, cache_root: str, log=print) -> PairFeatures
     jobs, runs, computed, cached = _jobs(spec), {}, 0, 0
     needed = sorted({("image", p.image) for p in pairs} | {("text", p.text) for p in pairs})
     for role, index in needed:
-        fields = ["images"] if role == "image" else None
-        tasks = [(asdict(ref), fields or [_TEXT_FIELD[group]]) for group, ref in jobs]
-        name = spec.encoders.path(role, index)
-        runs[(role, index)] = run_encoder(name, spec.encoders.candidates(role)[index], cache_root, tasks, log)
-        fresh, hits = _log_fields(name if not spec.encoders.single else "", jobs, runs[(role, index)][0],
-                                  "images" if role == "image" else None, log)
-        computed, cached = computed + fresh, cached + hits
+        tasks = [(asdict(ref), [_field(role, group)]) for group, ref in jobs]
+        encoder = spec.encoders.candidates(role)[index]
+        runs[(role, index)] = run_encoder(spec.encoders.path(role, index), encoder, cache_root, tasks, log)
+        fresh = _log_fields("" if spec.encoders.single else encoder.title, role, jobs, runs[(role, index)][0], log)
+        computed, cached = computed + fresh, cached + len(jobs) - fresh
     sets = {pair: _pair_set(jobs, runs[("image", pair.image)], runs[("text", pair.text)]) for pair in pairs}
     return PairFeatures(sets, computed, cached)
 
 
-def _log_fields(name: str, jobs: list, outputs: list, image_field, log) -> tuple[int, int]:
-    """One line per (split, field) of one encoder's run; (computed, cached) counts."""
+def _field(role: str, group: str) -> str:
+    return "images" if role == "image" else _TEXT_FIELD[group]
+
+
+def _log_fields(name: str, role: str, jobs: list, outputs: list, log) -> int:
+    """One line per (split, field) of one encoder's run; returns how many were computed."""
     computed = 0
     for (group, ref), out in zip(jobs, outputs):
-        fld = image_field or _TEXT_FIELD[group]
+        fld = _field(role, group)
         fresh = out["computed"][fld]
         computed += fresh
         log(f"  features {group}/{ref.name}/{fld}" + (f" [{name}]" if name else "") + ": "
             + (f"computed in {out['seconds'][fld]:.1f}s" if fresh else "cached"))
-    return computed, len(outputs) - computed
+    return computed
 
 
 def _pair_set(jobs: list, image_run: tuple, text_run: tuple) -> FeatureSet:
