@@ -28,6 +28,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from dashboards.encoders import focus_pair, latest_selection, of_pair
 from dashboards.matrices import (SEED, own_label_conditions, own_pairs, run_pairs, selection_of,
                                  similarity_matrix, similarity_metrics, special_pairs,
                                  with_own_pairs)
@@ -45,15 +46,21 @@ class RunData:
 
     run_dir: Path
     trials: pd.DataFrame  # every stored trial row (done, failed, stopped, ...)
-    similarity: pd.DataFrame  # layer_similarity rows
+    similarity: pd.DataFrame  # layer_similarity rows (of the focus pair, see below)
     spec: dict
     plan: dict = field(default_factory=dict)
+    encoder_pairs: pd.DataFrame = field(default_factory=pd.DataFrame)  # the selection's rows
 
     def __post_init__(self):
+        # A run of several encoder pairs: the per-method sections read one pair (``focus``),
+        # the encoder section (dashboards.encoders) compares them all (``all_done``).
+        self.focus = focus_pair(self.trials, latest_selection(self.encoder_pairs))
+        self.similarity = of_pair(self.similarity, self.focus)
         # each trial's own similar/last pair: that of the matrix of its own subsample
         self.trials = with_own_pairs(self.trials, self.similarity, self.spec)
         has_status = "status" in self.trials
-        self.done = self.trials[self.trials["status"] == "done"] if has_status else self.trials
+        self.all_done = self.trials[self.trials["status"] == "done"] if has_status else self.trials
+        self.done = of_pair(self.all_done, self.focus)
 
 
 def load_run(run_dir: str | Path) -> RunData:
@@ -64,7 +71,8 @@ def load_run(run_dir: str | Path) -> RunData:
                                 "written by `structure-sweep run`?")
     store = ResultsStore(run_dir)
     return RunData(run_dir, store.query("trials"), store.query("layer_similarity"),
-                   _read_json(run_dir / "spec.json"), _read_json(run_dir / "plan.json"))
+                   _read_json(run_dir / "spec.json"), _read_json(run_dir / "plan.json"),
+                   store.query("encoder_pairs"))
 
 
 def _read_json(path: Path) -> dict:

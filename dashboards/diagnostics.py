@@ -60,11 +60,13 @@ def wall_time(trials: pd.DataFrame) -> dict[str, float]:
 
 
 def encoders(spec: dict) -> list[str]:
-    """"role: name (options)" per encoder of the spec."""
+    """"role: [label =] name (options)" per encoder of the spec (each candidate of a list)."""
     lines = []
-    for role, enc in (spec.get("encoders") or {}).items():
-        options = ", ".join(f"{k}={v}" for k, v in (enc.get("options") or {}).items())
-        lines.append(f"{role}: {enc.get('name', '?')}" + (f" ({options})" if options else ""))
+    for role, value in (spec.get("encoders") or {}).items():
+        for enc in value if isinstance(value, list) else [value]:
+            options = ", ".join(f"{k}={v}" for k, v in (enc.get("options") or {}).items())
+            label = f"{enc['label']} = " if enc.get("label") else ""
+            lines.append(f"{role}: {label}{enc.get('name', '?')}" + (f" ({options})" if options else ""))
     return lines
 
 

@@ -201,3 +201,26 @@ def timeline_figure(timeline: pd.DataFrame) -> go.Figure:
     fig.update_layout(title="Trials finished over time (cumulative, UTC)", xaxis_title="time",
                       yaxis_title="trials", template=TEMPLATE, height=380)
     return fig
+
+
+def encoder_pairs_figure(frame: pd.DataFrame, corr: dict, metric: str, sim_metric: str) -> go.Figure:
+    """Selection score vs the best ``metric`` each encoder pair reached: one point per pair at
+    its best layer pair (filled) and at its last layers (open), as freeze-align Figures 1/4."""
+    fig = go.Figure()
+    points = frame.dropna(subset=["best"])
+    for column, name, symbol in (("score", "best layer pair", "circle"),
+                                 ("last_score", "last layers", "circle-open")):
+        rho = corr.get(column, {})
+        label = f"{name}: ρ = {rho['spearman_rho']:.2f}" if rho else name
+        fig.add_trace(go.Scatter(x=points[column], y=points["best"], mode="markers+text", name=label,
+                                 text=points["pair"] if column == "score" else None,
+                                 textposition="top center", marker={"symbol": symbol, "size": 11},
+                                 customdata=points[["pair", "n_trials"]],
+                                 hovertemplate="%{customdata[0]}<br>" + f"{sim_metric} ({name})"
+                                               "=%{x:.3f}<br>best=%{y:.3f} over %{customdata[1]} "
+                                               "trials<extra></extra>"))
+    fig.update_layout(title=f"Does {sim_metric} on the probe set predict how well a pair aligns?",
+                      xaxis_title=f"{sim_metric} of the encoder pair (probe set)",
+                      yaxis_title=f"best {short(metric)} of its trials", template=TEMPLATE, height=450,
+                      legend={"orientation": "h", "y": -0.2})
+    return fig

@@ -178,3 +178,25 @@ def spec_html(spec: dict) -> str:
 
     text = json.dumps(spec, indent=2, sort_keys=False, default=str)
     return f"<details><summary>resolved spec (spec.json)</summary><pre>{esc(text)}</pre></details>"
+
+
+def encoder_pairs_html(frame, metric: str, focus) -> str:
+    """One row per encoder pair: its rank and scores, the best metric its trials reached."""
+    def name(r) -> str:  # the pair the per-method sections show, in bold
+        shown = focus and (r["image_encoder"], r["text_encoder"]) == tuple(focus)
+        return f"<b>{esc(r['pair'])}</b>" if shown else esc(r["pair"])
+
+    rows = "".join(
+        f"<tr><td>{'' if r['rank'] != r['rank'] else int(r['rank'])}</td><td class='name'>{name(r)}</td>"
+        f"<td>{fmt(r['score'], 4)}</td><td>{_layers(r)}</td><td>{fmt(r['last_score'], 4)}</td>"
+        f"<td>{fmt(r['best'], 1, 100)}</td><td>{int(r['n_trials'])}</td></tr>"
+        for _, r in frame.iterrows())
+    return (f"<table><tr><th>rank</th><th class='name'>encoder pair</th><th>score</th>"
+            f"<th>at layers</th><th>last layers</th><th>best {esc(metric)} (%)</th><th>trials</th>"
+            f"</tr>{rows}</table>")
+
+
+def _layers(row) -> str:
+    if row["image_layer"] != row["image_layer"]:  # NaN: a pair the selection did not score
+        return "—"
+    return f"L{int(row['image_layer'])}/T{int(row['text_layer'])}"

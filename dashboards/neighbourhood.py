@@ -1,4 +1,4 @@
-"""Report section 8: neighbourhood preservation over training (the ``epochs`` table).
+"""Report section 9: neighbourhood preservation over training (the ``epochs`` table).
 
 Per recorded epoch, each trial stores the mutual-kNN agreement between an
 encoder's frozen features and its head's output on a fixed probe set
@@ -69,11 +69,11 @@ def neighbourhood_figure(curves: pd.DataFrame) -> go.Figure:
 
 
 def neighbourhood_section(run, epochs: pd.DataFrame | None = None) -> H.Section:
-    """Section 8; ``epochs`` defaults to the run directory's ``epochs`` table."""
+    """Section 9; ``epochs`` defaults to the run directory's ``epochs`` table."""
     if epochs is None:
         epochs = ResultsStore(run.run_dir).query("epochs")
     curves = neighbourhood_curves(epochs)
-    section = H.Section("neighbourhood", "8. Neighbourhood preservation over training", note=(
+    section = H.Section("neighbourhood", "9. Neighbourhood preservation over training", note=(
         "no trained trial recorded its epochs (closed-form heads and runs written before "
         "the epochs table have none)"))
     if curves.empty:

@@ -17,6 +17,7 @@ import pandas as pd
 
 from dashboards import data as D
 from dashboards import diagnostics as G
+from dashboards import encoders as E
 from dashboards import figures as F
 from dashboards import html as H
 from dashboards.findings import claims
@@ -59,11 +60,45 @@ def _wall(t: dict) -> str:
             f"({H.duration(t.get('compute_seconds'))} of trial time summed)")
 
 
-# --- 2. the paper table -----------------------------------------------------------
+# --- 2. which encoders to align ------------------------------------------------------
+
+def encoders_section(run: D.RunData) -> H.Section:
+    metric = D.headline_metric(run.all_done) if not run.all_done.empty else None
+    frame = E.encoder_alignment(E.latest_selection(run.encoder_pairs), run.all_done, metric)
+    section = H.Section("encoders", "2. Which encoders to align", note=(
+        "one encoder pair and no encoder-pair selection: nothing to compare"))
+    if frame.empty:
+        return section
+    sim_metric = (run.spec.get("encoder_selection") or {}).get("metric", "score")
+    corr = {x: E.rank_correlation(frame, x) for x in ("score", "last_score")}
+    if frame[["score", "best"]].notna().all(axis=1).any():
+        section.blocks.append(F.encoder_pairs_figure(frame, corr, metric, sim_metric))
+    section.blocks.append(H.encoder_pairs_html(frame, F.short(metric or "best"), run.focus))
+    section.lead = _encoders_lead(run, corr, sim_metric, metric)
+    return section
+
+
+def _encoders_lead(run: D.RunData, corr: dict, sim_metric: str, metric: str | None) -> str:
+    text = (f"freeze-align §3.1: before any trial, every candidate (image, text) pair was scored "
+            f"with {sim_metric} on a probe set (its best layer pair, and its last layers); "
+            f"the y-axis is the best {F.short(metric) if metric else 'metric'} any trial of that "
+            "pair reached (a pair trained in more settings has more chances: compare pairs a grid "
+            "trains alike). ")
+    for column, name in (("score", "best layer pair"), ("last_score", "last layers")):
+        c = corr[column]
+        text += (f"Spearman ρ ({name}) = {c['spearman_rho']:.3f} (p = {c['spearman_p']:.2g}) over "
+                 f"{c['n_pairs']} pairs. " if c else f"ρ ({name}): needs 3 trained pairs. ")
+    if run.focus:
+        text += (f"The sections below show one pair, {' + '.join(run.focus)} (in bold): "
+                 "methods are compared within a pair.")
+    return H.esc(text)
+
+
+# --- 3. the paper table -----------------------------------------------------------
 
 def table_section(run: D.RunData, pairs: dict) -> H.Section:
     table = D.paper_table(run.done, pairs)
-    section = H.Section("table", "2. Main table (paper style)", note=(
+    section = H.Section("table", "3. Main table (paper style)", note=(
         "no finished trial with zero-shot or retrieval metrics yet"))
     if table.empty:
         return section
@@ -77,13 +112,13 @@ def table_section(run: D.RunData, pairs: dict) -> H.Section:
     return section
 
 
-# --- 3. data scaling ---------------------------------------------------------------
+# --- 4. data scaling ---------------------------------------------------------------
 
 def scaling_section(run: D.RunData, pairs: dict) -> H.Section:
     metrics = [c.column for c in D.table_columns(run.done)][:MAX_SCALING_PANELS]
     curves = {m: D.scaling_curves(run.done, m, pairs) for m in metrics}
     curves = {m: c for m, c in curves.items() if not c.empty}
-    section = H.Section("scaling", "3. Data scaling", note=(
+    section = H.Section("scaling", "4. Data scaling", note=(
         "no method was trained at more than one data size (n_train)"))
     if not curves:
         return section
@@ -102,12 +137,12 @@ def scaling_section(run: D.RunData, pairs: dict) -> H.Section:
     return section
 
 
-# --- 4. layer similarity vs accuracy ---------------------------------------------
+# --- 5. layer similarity vs accuracy ---------------------------------------------
 
 def layers_section(run: D.RunData, pairs: dict) -> H.Section:
     metric = _headline(run)
     accuracy = D.layer_accuracy(run.done, metric) if metric else pd.DataFrame()
-    section = H.Section("layers", "4. Layer similarity vs accuracy", note=(
+    section = H.Section("layers", "5. Layer similarity vs accuracy", note=(
         "needs a layer-similarity table and trained layer pairs"))
     notes = []
     for sim_metric in D.similarity_metrics(run.similarity, run.spec):
@@ -154,11 +189,11 @@ def _scored_on(provenance: dict) -> str:
     return f" (N = {provenance['n_train']:,}, {label} {', '.join(map(str, seeds))})"
 
 
-# --- 5. λ and levels sensitivity; R_S gain -------------------------------------------
+# --- 6. λ and levels sensitivity; R_S gain -------------------------------------------
 
 def sensitivity_section(run: D.RunData, pairs: dict) -> H.Section:
     metric = _headline(run)
-    section = H.Section("sensitivity", "5. λ and levels sensitivity; R_S gain vs N", note=(
+    section = H.Section("sensitivity", "6. λ and levels sensitivity; R_S gain vs N", note=(
         "no grid varied λ or the number of levels, and no setting ran both with and without R_S"))
     if not metric:
         return section
@@ -177,11 +212,11 @@ def sensitivity_section(run: D.RunData, pairs: dict) -> H.Section:
     return section
 
 
-# --- 6. search diagnostics ------------------------------------------------------------
+# --- 7. search diagnostics ------------------------------------------------------------
 
 def search_section(run: D.RunData) -> H.Section:
     metric = _headline(run)
-    section = H.Section("search", "6. Search diagnostics", note="no finished trial yet")
+    section = H.Section("search", "7. Search diagnostics", note="no finished trial yet")
     if not metric:
         return section
     params = G.varied_params(run.done)
@@ -202,10 +237,10 @@ def search_section(run: D.RunData) -> H.Section:
     return section
 
 
-# --- 7. sweep health --------------------------------------------------------------------
+# --- 8. sweep health --------------------------------------------------------------------
 
 def health_section(run: D.RunData) -> H.Section:
-    section = H.Section("health", "7. Sweep health", note="no trial has finished yet")
+    section = H.Section("health", "8. Sweep health", note="no trial has finished yet")
     tl = G.timeline(run.trials)
     if not tl.empty:
         section.blocks.append(F.timeline_figure(tl))
@@ -229,9 +264,9 @@ def health_section(run: D.RunData) -> H.Section:
 def build_sections(run: D.RunData) -> list[H.Section]:
     """Every section, in page order."""
     pairs = D.run_pairs(run)
-    return [summary_section(run), table_section(run, pairs), scaling_section(run, pairs),
-            layers_section(run, pairs), sensitivity_section(run, pairs), search_section(run),
-            health_section(run), neighbourhood_section(run)]
+    return [summary_section(run), encoders_section(run), table_section(run, pairs),
+            scaling_section(run, pairs), layers_section(run, pairs), sensitivity_section(run, pairs),
+            search_section(run), health_section(run), neighbourhood_section(run)]
 
 
 def render_html(run: D.RunData, refresh: float | None = None) -> str:

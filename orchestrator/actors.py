@@ -66,6 +66,7 @@ class EncoderWorker:
         spec = dict(encoder_spec)
         self.batch_size = spec.pop("batch_size")
         spec.pop("num_gpus", None), spec.pop("num_cpus", None)
+        spec.pop("label", None)  # the spec's name for a candidate, not the encoder's
         options = spec.pop("options")
         spec["device"] = resolve_device(spec.get("device"))
         self.encoder = build_encoder(spec.pop("name"), **spec, **options)

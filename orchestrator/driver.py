@@ -1,4 +1,4 @@
-"""The sweep driver: spec -> features -> layer similarity -> Ray Tune -> store.
+"""The sweep driver: spec -> [encoder-pair selection] -> features -> layer similarity -> Ray Tune -> store.
 
 :func:`run_sweep` is the whole pipeline of ``structure-sweep run`` and
 ``resume``. The results store is the one source of truth: finished trials (by
@@ -19,12 +19,15 @@ import contextlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 from orchestrator.cluster import LOOPBACK, ray_session
 from orchestrator.durable import DiskFull
+from orchestrator.encoder_pairs import Selection, select_encoder_pairs
 from orchestrator.feature_store import FeatureStore
-from orchestrator.features import extract_features
-from orchestrator.planning import optuna_space, plan_trials
+from orchestrator.features import extract_pairs
+from orchestrator.pair_rules import trained_pairs
+from orchestrator.planning import optuna_space, plan_pairs
 from orchestrator.results import ResultsStore
 from orchestrator.schema import LOCK_FILE
 from orchestrator.similarity_stage import LayerSimilarity
@@ -135,39 +138,59 @@ def _cause_of_type(err: BaseException, kind: type) -> BaseException | None:
 
 
 def _run_stages(spec: SweepSpec, results: ResultsStore, log, on_progress=None) -> SweepOutcome:
-    """Features, layer similarity and the Tune stage, on a running cluster."""
+    """Encoder-pair selection, features, layer similarity and the Tune stage, on a running cluster."""
     from orchestrator.monitoring import SweepMetrics
 
     cache_root = Path(spec.cache_dir) if spec.cache_dir else default_cache_dir()
     store = FeatureStore(cache_root / "features")
     monitor = SweepMetrics(spec.name, spec.tune.search_config.metric, spec.tune.search_config.mode,
                            on_change=on_progress)
+    selection = _select(spec, store, results, log)
+    pairs = trained_pairs(spec, selection.ranking if selection else None)
     log(f"[1/3] features (cache: {cache_root})")
-    features = extract_features(spec, str(store.root), log=log)
-    monitor.features(features.cached, features.computed)
+    extracted = extract_pairs(spec, pairs, str(store.root), log=log)
+    computed = extracted.computed + (selection.probe.computed if selection else 0)
+    cached = extracted.cached + (selection.probe.cached if selection else 0)
+    monitor.features(cached, computed)
     log(f"[2/3] layer similarity ({spec.similarity.metric}, selection: {spec.similarity.selection})")
-    similarity = LayerSimilarity(store, results, features, spec.similarity, log=log)
-    runner = TuneRunner(spec, features, store, results, monitor, log)
+    similarity = {p: LayerSimilarity(store, results, extracted.sets[p], spec.similarity, log=log, pair=p)
+                  for p in pairs}
+    runner = TuneRunner(spec, extracted.sets[pairs[0]], store, results, monitor, log,
+                        pair_features={p.labels: extracted.sets[p] for p in pairs})
     if spec.tune.search_config.search == "grid":
-        planned = plan_trials(spec, features, similarity)
+        planned = plan_pairs(spec, extracted.sets, similarity, selection.ranking if selection else None)
         _log_similarity(similarity, log)
         tally = runner.run_grid(planned)
-    else:
+    else:  # one encoder pair (checked when the spec loads)
         for grid in spec.search:  # every subsample's matrix before Tune starts (and fails early)
-            optuna_space(spec, grid, similarity)
+            optuna_space(spec, grid, similarity[pairs[0]])
         _log_similarity(similarity, log)
-        tally = runner.run_optuna(similarity)
+        tally = runner.run_optuna(similarity[pairs[0]])
     return SweepOutcome(spec.run_dir, tally.planned, tally.skipped, tally.finished, tally.failed,
-                        features.computed, features.cached, stopped=tally.stopped,
-                        tune_seconds=tally.seconds)
+                        computed, cached, stopped=tally.stopped, tune_seconds=tally.seconds)
 
 
-def _log_similarity(similarity: LayerSimilarity, log) -> None:
-    """Matrices computed vs cached, and the most similar pair of each (N, seed); then store them."""
-    similarity.flush()
-    log(f"  {similarity.summary()}")
-    for m in sorted(similarity.scored(), key=lambda m: (m.selection != "oracle", m.n_train, m.seed)):
-        (i, j), = select_layers(m.matrix, "similar", seed=m.seed)
-        where = "whole split" if m.selection == "oracle" else f"N={m.n_train}, seed {m.seed}"
-        log(f"  most similar pair ({where}, {m.similarity_n} pairs scored): image layer {i}, "
-            f"text layer {j} ({similarity.settings.metric} = {m.matrix[i, j]:.3f})")
+def _select(spec: SweepSpec, store: FeatureStore, results: ResultsStore, log) -> Optional[Selection]:
+    """The encoder-pair selection stage (freeze-align §3.1), when the spec asks for it."""
+    settings = spec.encoder_selection
+    if settings is None:
+        return None
+    log(f"[0/3] encoder-pair selection ({settings.metric}, {settings.protocol}) on "
+        f"{settings.probe.dataset}/{settings.probe.split}: "
+        f"{len(spec.encoders.candidates('image'))} image x {len(spec.encoders.candidates('text'))} "
+        "text candidates")
+    return select_encoder_pairs(spec, store, results, log)
+
+
+def _log_similarity(similarities: dict, log) -> None:
+    """Per encoder pair: matrices computed vs cached, and the most similar pair of each (N, seed);
+    then store them."""
+    for pair, similarity in similarities.items():
+        similarity.flush()
+        named = f"{pair.label}: " if len(similarities) > 1 else ""
+        log(f"  {named}{similarity.summary()}")
+        for m in sorted(similarity.scored(), key=lambda m: (m.selection != "oracle", m.n_train, m.seed)):
+            (i, j), = select_layers(m.matrix, "similar", seed=m.seed)
+            where = "whole split" if m.selection == "oracle" else f"N={m.n_train}, seed {m.seed}"
+            log(f"  {named}most similar pair ({where}, {m.similarity_n} pairs scored): image layer {i}, "
+                f"text layer {j} ({similarity.settings.metric} = {m.matrix[i, j]:.3f})")

@@ -1,15 +1,17 @@
 """The feature stage: every (encoder, split, field) a sweep needs, in the store.
 
-:func:`extract_features` runs one EncoderActor per encoder, one encoder after
-the other (so two GPU-hungry encoders can share one GPU), and returns a
-:class:`FeatureSet`: the store keys and the split metadata that trials need
-(which caption belongs to which image, class labels). :func:`trial_data`
+:func:`extract_pairs` runs one EncoderActor per encoder (each candidate of a
+multi-encoder sweep once), one encoder after the other (so GPU-hungry encoders
+can share one GPU), and returns a :class:`FeatureSet` per encoder pair: the
+store keys and the split metadata that trials need (which caption belongs to
+which image, class labels). :func:`trial_data`
 turns a FeatureSet and one layer pair into the in-memory
 :class:`~trials.trial.TrialData` of a trial.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
@@ -45,35 +47,78 @@ class FeatureSet:
         return sorted({k for s in splits for k in (s.image, s.text)})
 
 
-def extract_features(spec, cache_root: str, log=print) -> FeatureSet:
-    """Fill the store for every split of ``spec``, one encoder at a time.
+@dataclass
+class PairFeatures:
+    """The FeatureSet of each encoder pair, and what the extraction computed vs found."""
 
-    The image encoder's actor is started, runs every split and is killed
-    before the text encoder's actor starts, so the two never hold resources
-    at once (two ``num_gpus: 1`` encoders on a one-GPU box). An encoder whose
-    resources the cluster can never provide fails at once with a clear error.
-    """
-    text_field = {"train": "texts", "val": "texts", "retrieval": "texts", "zero_shot": "prompts"}
-    jobs = [(group, ref) for group, refs in (("train", [spec.data.train]), ("val", [spec.data.val]),
+    sets: dict  # EncoderPair -> FeatureSet
+    computed: int = 0
+    cached: int = 0
+
+
+_TEXT_FIELD = {"train": "texts", "val": "texts", "retrieval": "texts", "zero_shot": "prompts"}
+
+
+def _jobs(spec) -> list[tuple[str, object]]:
+    """(group, dataset ref) of every split a trial reads."""
+    return [(group, ref) for group, refs in (("train", [spec.data.train]), ("val", [spec.data.val]),
                                              ("zero_shot", spec.data.zero_shot),
                                              ("retrieval", spec.data.retrieval))
             for ref in refs]
-    outputs, layers = {}, {}
-    for role in ("image", "text"):
-        fields = {group: ["images"] if role == "image" else [text_field[group]] for group, _ in jobs}
-        outputs[role], layers[role] = _run_encoder(
-            role, getattr(spec.encoders, role), cache_root,
-            [(asdict(ref), fields[group]) for group, ref in jobs], log)
-    splits: dict[str, dict[str, SplitFeatures]] = {"zero_shot": {}, "retrieval": {}}
-    computed = cached = 0
-    for (group, ref), image, text in zip(jobs, outputs["image"], outputs["text"]):
-        field_name = text_field[group]
-        for out, fld in ((image, "images"), (text, field_name)):
-            fresh = out["computed"][fld]
-            computed, cached = computed + fresh, cached + (not fresh)
-            log(f"  features {group}/{ref.name}/{fld}: "
-                + (f"computed in {out['seconds'][fld]:.1f}s" if fresh else "cached"))
-        item = SplitFeatures(image=image["keys"]["images"], text=text["keys"][field_name],
+
+
+def extract_features(spec, cache_root: str, log=print) -> FeatureSet:
+    """The features of a single-encoder spec's one pair (see :func:`extract_pairs`)."""
+    from orchestrator.pair_rules import all_pairs
+
+    (pair,) = all_pairs(spec.encoders)
+    extracted = extract_pairs(spec, [pair], cache_root, log)
+    return dataclasses.replace(extracted.sets[pair], computed=extracted.computed,
+                               cached=extracted.cached)
+
+
+def extract_pairs(spec, pairs: list, cache_root: str, log=print) -> PairFeatures:
+    """Fill the store for every split of ``spec`` and every encoder of ``pairs``.
+
+    Each encoder runs once, one after the other: its actor is started, runs
+    every split and is killed before the next starts, so they never hold
+    resources at once (two ``num_gpus: 1`` encoders on a one-GPU box). An
+    encoder whose resources the cluster can never provide fails at once with a
+    clear error. Image candidates first, then text, in the spec's order.
+    """
+    jobs, runs, computed, cached = _jobs(spec), {}, 0, 0
+    needed = sorted({("image", p.image) for p in pairs} | {("text", p.text) for p in pairs})
+    for role, index in needed:
+        tasks = [(asdict(ref), [_field(role, group)]) for group, ref in jobs]
+        encoder = spec.encoders.candidates(role)[index]
+        runs[(role, index)] = run_encoder(spec.encoders.path(role, index), encoder, cache_root, tasks, log)
+        fresh = _log_fields("" if spec.encoders.single else encoder.title, role, jobs, runs[(role, index)][0], log)
+        computed, cached = computed + fresh, cached + len(jobs) - fresh
+    sets = {pair: _pair_set(jobs, runs[("image", pair.image)], runs[("text", pair.text)]) for pair in pairs}
+    return PairFeatures(sets, computed, cached)
+
+
+def _field(role: str, group: str) -> str:
+    return "images" if role == "image" else _TEXT_FIELD[group]
+
+
+def _log_fields(name: str, role: str, jobs: list, outputs: list, log) -> int:
+    """One line per (split, field) of one encoder's run; returns how many were computed."""
+    computed = 0
+    for (group, ref), out in zip(jobs, outputs):
+        fld = _field(role, group)
+        fresh = out["computed"][fld]
+        computed += fresh
+        log(f"  features {group}/{ref.name}/{fld}" + (f" [{name}]" if name else "") + ": "
+            + (f"computed in {out['seconds'][fld]:.1f}s" if fresh else "cached"))
+    return computed
+
+
+def _pair_set(jobs: list, image_run: tuple, text_run: tuple) -> FeatureSet:
+    """One pair's FeatureSet from its image encoder's and its text encoder's outputs."""
+    splits: dict = {"zero_shot": {}, "retrieval": {}}
+    for (group, ref), image, text in zip(jobs, image_run[0], text_run[0]):
+        item = SplitFeatures(image=image["keys"]["images"], text=text["keys"][_TEXT_FIELD[group]],
                              text_to_image=text["text_to_image"], labels=image["labels"],
                              n_prompts=text["n_prompts"])
         if group in ("train", "val"):
@@ -81,11 +126,10 @@ def extract_features(spec, cache_root: str, log=print) -> FeatureSet:
         else:
             splits[group][ref.name] = item
     return FeatureSet(train=splits["train"], val=splits["val"], zero_shot=splits["zero_shot"],
-                      retrieval=splits["retrieval"], num_layers=(layers["image"], layers["text"]),
-                      computed=computed, cached=cached)
+                      retrieval=splits["retrieval"], num_layers=(image_run[1], text_run[1]))
 
 
-def _run_encoder(role: str, encoder_spec, cache_root: str, tasks: list, log) -> tuple[list, int]:
+def run_encoder(role: str, encoder_spec, cache_root: str, tasks: list, log) -> tuple[list, int]:
     """Start ``role``'s actor, ``ensure`` every (dataset ref, fields) of ``tasks``
     on it, kill it; returns the outputs (in order) and its number of layers."""
     import ray

@@ -12,6 +12,11 @@ everything that determines its result (its TrialConfig, the feature keys of
 its two layers and evaluation sets, the trial code version), so a re-run can
 skip what is stored and two grids asking for the same trial run it once.
 
+Several candidate encoders make the encoder pair a dimension too
+(:func:`plan_pairs`): each grid plans its trials on every pair its
+``encoder_pairs`` names (:mod:`orchestrator.pair_rules`), with that pair's
+features and similarity; the pair's labels ride on the PlannedTrial.
+
 Optuna grids are not planned ahead: :func:`optuna_space` describes what Optuna
 chooses from and :func:`materialize` turns one of its suggestions into a
 TrialConfig, the same way in the trial and in the driver.
@@ -30,6 +35,7 @@ import numpy as np
 from orchestrator.config import from_dict
 from orchestrator.grids import Grid, Sampled, unfold
 from orchestrator.keys import content_key
+from orchestrator.pair_rules import grid_pairs
 from orchestrator.similarity_stage import FixedSimilarity
 from orchestrator.spec import SweepSpec
 from trials.config import TRIAL_CODE_VERSION, TrialConfig
@@ -47,11 +53,18 @@ class PlannedTrial:
     params: str = ""  # Optuna's suggestion (JSON) for optuna grids
     layer_rule: str = ""  # the layer rule that named its pair, canonical (str(LayerRule))
     similarity_n: int = 0  # training pairs that scored that choice; 0: the rule needs no similarity
+    image_encoder: str = ""  # the encoder pair's labels (orchestrator.pair_rules.EncoderPair)
+    text_encoder: str = ""
+
+    @property
+    def encoder_pair(self) -> tuple[str, str]:
+        return self.image_encoder, self.text_encoder
 
     def as_param(self) -> dict:
         return {"fingerprint": self.fingerprint, "grid": self.grid,
                 "config": dataclasses.asdict(self.config), "params": self.params,
-                "layer_rule": self.layer_rule, "similarity_n": self.similarity_n}
+                "layer_rule": self.layer_rule, "similarity_n": self.similarity_n,
+                "image_encoder": self.image_encoder, "text_encoder": self.text_encoder}
 
 
 def similarity_source(spec: SweepSpec, similarity, features: Optional[FeatureSet] = None):
@@ -103,7 +116,7 @@ def _draws(spec: SweepSpec, grid: Grid, combo_index: int) -> list[dict]:
 
 
 def plan_trials(spec: SweepSpec, features: FeatureSet, similarity) -> list[PlannedTrial]:
-    """Every trial of every grid, deduplicated by fingerprint (first grid wins).
+    """Every trial of every grid on one encoder pair, deduplicated by fingerprint (first grid wins).
 
     ``similarity``: a :class:`~orchestrator.similarity_stage.LayerSimilarity` (each
     trial's rule resolves on its own subsample's matrix, or the oracle's), or
@@ -111,16 +124,39 @@ def plan_trials(spec: SweepSpec, features: FeatureSet, similarity) -> list[Plann
     """
     source, planned = similarity_source(spec, similarity, features), {}
     for grid in spec.search:
-        for index, combo in enumerate(grid.combinations()):
-            for draw in _draws(spec, grid, index):
-                values = {**spec.training, **combo.values, **draw}
-                pairs, n_scored = resolve_rule(combo.layers, source, *_subsample(values))
-                for i, j in pairs:
-                    config = from_dict(TrialConfig, {**values, "image_layer": i, "text_layer": j})
-                    fp = fingerprint(config, features)
-                    planned.setdefault(fp, PlannedTrial(fp, grid.name, config, layer_rule=str(combo.layers),
-                                                        similarity_n=n_scored))
+        _plan_grid(spec, grid, features, source, planned)
     return list(planned.values())
+
+
+def plan_pairs(spec: SweepSpec, features: dict, similarity: dict, ranking=None) -> list[PlannedTrial]:
+    """Every trial of every grid on each encoder pair the grid trains (``encoder_pairs``).
+
+    ``features``/``similarity``: per :class:`~orchestrator.pair_rules.EncoderPair`;
+    ``ranking``: the selection stage's pairs, best first (for ``top`` rules). A
+    trial's fingerprint hashes its pair's feature keys, which carry both
+    encoders' identities, so one config on two pairs is two trials.
+    """
+    planned: dict[str, PlannedTrial] = {}
+    for grid in spec.search:
+        for pair in grid_pairs(spec, grid, ranking):
+            source = similarity_source(spec, similarity[pair], features[pair])
+            _plan_grid(spec, grid, features[pair], source, planned, pair.labels)
+    return list(planned.values())
+
+
+def _plan_grid(spec: SweepSpec, grid: Grid, features: FeatureSet, source, planned: dict,
+               encoders: tuple[str, str] = ("", "")) -> None:
+    """Add one grid's trials on one encoder pair to ``planned`` (by fingerprint, first kept)."""
+    for index, combo in enumerate(grid.combinations()):
+        for draw in _draws(spec, grid, index):
+            values = {**spec.training, **combo.values, **draw}
+            pairs, n_scored = resolve_rule(combo.layers, source, *_subsample(values))
+            for i, j in pairs:
+                config = from_dict(TrialConfig, {**values, "image_layer": i, "text_layer": j})
+                fp = fingerprint(config, features)
+                planned.setdefault(fp, PlannedTrial(fp, grid.name, config, layer_rule=str(combo.layers),
+                                                    similarity_n=n_scored, image_encoder=encoders[0],
+                                                    text_encoder=encoders[1]))
 
 
 # --- Optuna grids ----------------------------------------------------------------------
@@ -134,6 +170,7 @@ class OptunaSpace:
     pairs: list[list[int]]  # [i, j]: every pair a trial of the grid may train
     # "n_train/seed" of a subsample (or "*": any) -> its slots [i, j, layer_rule, similarity_n]
     slots: dict[str, list[list]] = dataclasses.field(default_factory=dict)
+    encoders: tuple[str, str] = ("", "")  # the one encoder pair's labels (an Optuna spec has one)
 
     def slot(self, index: int, n_train, seed) -> list:
         """The ``index``-th pair the rules name on subsample (n_train, seed)."""
@@ -174,7 +211,9 @@ def optuna_space(spec: SweepSpec, grid: Grid, similarity) -> OptunaSpace:
     else:
         slots = {_slot_key(n, s): _slots(rules, source, n, s) for n, s in subsamples}
     pairs = list(dict.fromkeys((v[0], v[1]) for listed in slots.values() for v in listed))
-    return OptunaSpace(choices, dict(grid.sample), [list(p) for p in pairs], slots)
+    pair = getattr(similarity, "pair", None)  # a LayerSimilarity knows its encoder pair
+    return OptunaSpace(choices, dict(grid.sample), [list(p) for p in pairs], slots,
+                       pair.labels if pair is not None else ("", ""))
 
 
 def _slots(rules: list[LayerRule], source, n_train, seed) -> list[list]:
@@ -235,7 +274,8 @@ def materialize(spec_training: dict, grid_name: str, space: OptunaSpace, suggest
     config = from_dict(TrialConfig, {**values, "image_layer": i, "text_layer": j})
     params = json.dumps({k: suggestion[k] for k in sorted(suggestion)}, default=float)
     return PlannedTrial(fingerprint(config, features), grid_name, config, params,
-                        layer_rule=rule, similarity_n=n_scored)
+                        layer_rule=rule, similarity_n=n_scored, image_encoder=space.encoders[0],
+                        text_encoder=space.encoders[1])
 
 
 def count_trials(spec: SweepSpec, num_layers: tuple[int, int] | None) -> tuple[int, bool]:

@@ -19,6 +19,8 @@ Schema of the ``trials`` table (one row per trial attempt that ended):
 ``config/<field>``     every :class:`trials.config.TrialConfig` field
                        (dicts such as ``head_options`` as JSON text)
 ``params``             Optuna's suggestion (JSON) for optuna grids, else ""
+``image_encoder``,     the encoder pair: each candidate's label (its
+``text_encoder``       ``label:``, else its name)
 metrics                ``zs/<set>/top1|top1_macro|top5``,
                        ``ret/<set>/<protocol>/<I2T|T2I>/<R@k|P@k|MAP@k>``,
                        ``best_val_loss``, ``best_val_clip_loss`` (its CLIP
@@ -33,7 +35,9 @@ timings                ``started_at``, ``finished_at`` (unix seconds),
 =====================  ===================================================
 
 ``layer_similarity``: one row per (image layer, text layer, metric), key
-``row_key``.
+``row_key``. ``encoder_pairs``: the encoder-pair selection's ranking, one row
+per candidate pair, key ``row_key`` (columns: ``orchestrator.schema.
+ENCODER_PAIRS_COLUMNS``).
 
 ``epochs``: one row per (trial, recorded epoch), key ``row_key`` =
 ``fingerprint/epoch``: losses (``val_clip_loss``: ASHA's metric) and the

@@ -18,9 +18,9 @@ RESULTS_DIR = "results"  # the Parquet store: results/<table>/part-*.parquet
 REPORT_FILE = "report.html"
 
 # --- tables --------------------------------------------------------------------------
-TABLES = ("trials", "layer_similarity", "epochs")
-KEYS = {"trials": "fingerprint", "layer_similarity": "row_key",
-        "epochs": "row_key"}  # deduplication key per table
+TABLES = ("trials", "layer_similarity", "epochs", "encoder_pairs")
+KEYS = {"trials": "fingerprint", "layer_similarity": "row_key",  # deduplication key per table
+        "epochs": "row_key", "encoder_pairs": "row_key"}
 
 # ``epochs``: one row per (trial, recorded epoch), written with the trial's row by the
 # results sink (orchestrator.results_sink). Every trained trial records epoch 0 and every
@@ -43,6 +43,32 @@ EPOCH_COLUMNS = {
 
 def epoch_row_key(fingerprint: str, epoch: int) -> str:
     return f"{fingerprint}/{int(epoch)}"
+
+
+# --- encoder pairs (orchestrator.pair_rules, orchestrator.encoder_pairs) -----------------
+# Columns of ``trials`` (and of a multi-encoder run's ``layer_similarity``) naming the encoder
+# pair: each candidate's label (its ``label:``, else its name). Not in the fingerprint: the
+# feature keys there already carry each encoder's identity.
+ENCODER_COLUMNS = ("image_encoder", "text_encoder")
+PAIR_PROTOCOLS = ("per_layer", "freeze_align")  # encoder_selection.protocol
+# ``encoder_pairs``: the selection stage's table (freeze-align §3.1), one row per scored pair.
+ENCODER_PAIRS_COLUMNS = {
+    "row_key": "selection_key/pair_key (deduplication key)",
+    "selection_key": "content key of the whole selection (every pair's key): rows of one ranking",
+    "pair_key": "content key of this pair's score (cache file name)",
+    "image_encoder": "image candidate's label", "text_encoder": "text candidate's label",
+    "image_name": "image encoder name", "text_name": "text encoder name",
+    "protocol": "per_layer | freeze_align", "metric": "encoder_selection.metric",
+    "image_layer": "image layer of `score` (per_layer: of the best layer pair)",
+    "text_layer": "text layer of `score`",
+    "score": "metric at (image_layer, text_layer); cka: linear CKA without eps",
+    "last_score": "metric of the last layers (per_layer)",
+    "rank": "1 = the best pair of this selection (by score)",
+    "probe": "the probe set: dataset/split (name)", "probe_fingerprint": "the probe split's content key",
+    "n_samples": "probe rows scored (images; captions averaged per image)",
+    "normalize": "rows L2-normalised first (false: raw features, as freeze-align)",
+    "written_at": "unix time the selection was stored",
+}
 
 # --- layer selection (orchestrator.similarity_stage, orchestrator.planning) -------------
 # Columns of a ``trials`` row about how its layer pair was chosen (not in its fingerprint):

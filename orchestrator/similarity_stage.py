@@ -37,7 +37,7 @@ from orchestrator.feature_store import FeatureStore
 from orchestrator.features import FeatureSet
 from orchestrator.keys import content_key
 from orchestrator.results import ResultsStore
-from orchestrator.schema import SELECTIONS
+from orchestrator.schema import ENCODER_COLUMNS, SELECTIONS
 from trials.selection import sample_rows, selection_rows
 from trials.similarity import METRICS, layer_similarity, selection_k, topk_from_rule
 from trials.trial import subsample
@@ -105,7 +105,7 @@ def compute_similarity(store: FeatureStore, features: FeatureSet, settings,
                             normalize=settings.normalize).double().numpy()
 
 
-def _cached(store: FeatureStore, key: str, compute) -> tuple[np.ndarray, bool]:
+def cached_array(store: FeatureStore, key: str, compute) -> tuple[np.ndarray, bool]:
     """(matrix, whether it came from the cache); a concurrent sweep waits, then finds it."""
     cache = Path(store.root).parent / "similarity" / f"{key}.npy"
     with store.lock(f"similarity-{key}"):
@@ -139,15 +139,17 @@ class LayerSimilarity:
 
     :meth:`for_trial` gives the matrix a trial's layer rule resolves against;
     :meth:`flush` writes the new ones to the run's ``layer_similarity`` table;
-    ``computed``/``cached`` count matrices by where they came from.
+    ``computed``/``cached`` count matrices by where they came from. ``pair``:
+    the :class:`~orchestrator.pair_rules.EncoderPair` whose features these are
+    (its labels go into every row, so a multi-encoder run keeps them apart).
     """
 
     def __init__(self, store: FeatureStore, results: Optional[ResultsStore], features: FeatureSet,
-                 settings, log=print):
+                 settings, log=print, pair=None):
         if settings.selection not in SELECTIONS:
             raise ValueError(f"similarity.selection={settings.selection!r}; allowed: {SELECTIONS}")
         self.store, self.results, self.features, self.settings = store, results, features, settings
-        self.log, self.selection = log, settings.selection
+        self.log, self.selection, self.pair = log, settings.selection, pair
         self.n_total, self.num_layers = len(features.train.text_to_image), features.num_layers
         self.computed = self.cached = 0
         self._too_small: dict[tuple, str] = {}
@@ -209,7 +211,7 @@ class LayerSimilarity:
 
     def _record(self, key: str, compute, selection: str, n: int, seed: int, similarity_n: int,
                 k_value: int) -> ScoredMatrix:
-        matrix, hit = _cached(self.store, key, compute)
+        matrix, hit = cached_array(self.store, key, compute)
         self.cached, self.computed = self.cached + hit, self.computed + (not hit)
         scored = ScoredMatrix(matrix, key, selection, n, seed, similarity_n, k_value)
         self._unwritten.append(scored)
@@ -227,7 +229,8 @@ class LayerSimilarity:
 
     def _rows(self, m: ScoredMatrix) -> list[dict]:
         s = self.settings
-        return [{"row_key": f"{m.key}/{i}/{j}", "similarity_key": m.key, "metric": s.metric,
+        encoders = dict(zip(ENCODER_COLUMNS, self.pair.labels)) if self.pair else {}
+        return [{"row_key": f"{m.key}/{i}/{j}", **encoders, "similarity_key": m.key, "metric": s.metric,
                  "k": str(s.k), "k_value": m.k_value, "n_samples": s.n_samples,
                  "selection": m.selection, "n_train": m.n_train, "seed": m.seed,
                  "similarity_n": m.similarity_n, "image_layer": i, "text_layer": j,

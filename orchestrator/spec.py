@@ -22,11 +22,13 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
-from orchestrator.config import SpecError, check_device, check_finite, check_min, from_dict
+from orchestrator.config import SpecError, _convert, check_device, check_finite, check_min, from_dict
 from orchestrator.durable import atomic_write_bytes
 from orchestrator.encoders import DTYPES as ENCODER_DTYPES
 from orchestrator.env_vars import substitute_env, unresolved_variables
-from orchestrator.grids import Grid, check_closed_form, check_head, parse_grids
+from orchestrator.grids import Grid, check_closed_form, check_head
+from orchestrator.pair_rules import (FREEZE_ALIGN_UNAVAILABLE, ROLES, check_pair_rules, is_rule_word,
+                                    parse_search)
 from orchestrator.schema import SPEC_FILE, choose_headline, default_mode, metric_names
 from orchestrator.tune_settings import TuneSpec
 from orchestrator.validation import World, check_world
@@ -34,6 +36,8 @@ from trials.config import TrialConfig
 from trials.registry import did_you_mean
 
 DTYPES = Literal[ENCODER_DTYPES]  # the encoders' list, one place
+METRIC_NAMES = Literal["mutual_knn", "cycle_knn", "cka", "unbiased_cka", "cknna"]  # trials.similarity.METRICS
+K_RULES = Literal["rice", "sqrt", "sturges"]
 
 
 @dataclass
@@ -48,10 +52,18 @@ class EncoderSpec:
     num_gpus: float = 0.0
     num_cpus: float = 1.0
     options: dict = field(default_factory=dict)
+    label: Optional[str] = None  # how results and encoder_pairs name it; default: name
+
+    @property
+    def title(self) -> str:
+        return self.label or self.name
 
     def __post_init__(self):
         from orchestrator.encoders import UnknownEncoderError, split_name
 
+        if self.label is not None and (not self.label.strip() or is_rule_word(self.label)):
+            raise SpecError(f"label {self.label!r} is empty or an encoder-pair rule word "
+                            "(all, top, topK); choose another", path="label")
         try:
             split_name(self.name)
         except UnknownEncoderError as err:
@@ -62,10 +74,51 @@ class EncoderSpec:
         check_min(self.num_cpus, 0, "num_cpus")  # Ray accepts an actor that reserves no CPU
 
 
+def _parse_candidates(value: Any, path: str) -> Union[EncoderSpec, list[EncoderSpec]]:
+    """One encoder (a mapping) or a list of candidates, each with its own options."""
+    if not isinstance(value, list):
+        return _one_encoder(value, path)
+    if not value:
+        raise SpecError("an empty list of candidates; name at least one encoder", path=path)
+    return [_one_encoder(v, f"{path}[{i}]") for i, v in enumerate(value)]
+
+
+def _one_encoder(value: Any, path: str) -> EncoderSpec:
+    if isinstance(value, dict):
+        return from_dict(EncoderSpec, value, path=path)
+    raise SpecError(f"expected an encoder (a mapping with keys name, options, ...), got {value!r}", path=path)
+
+
+_CANDIDATES = {"parse": _parse_candidates, "expects": "an encoder (a mapping) or a list of candidates"}
+
+
 @dataclass
 class EncodersSpec:
-    image: EncoderSpec
-    text: EncoderSpec
+    """The image and text encoders: one each, or lists of candidates (see orchestrator.pair_rules)."""
+
+    image: Union[EncoderSpec, list[EncoderSpec]] = field(metadata=_CANDIDATES)
+    text: Union[EncoderSpec, list[EncoderSpec]] = field(metadata=_CANDIDATES)
+
+    def __post_init__(self):
+        for role in ROLES:  # results, encoder_pairs rows and grids name candidates by title
+            titles = [e.title for e in self.candidates(role)]
+            for i, title in enumerate(titles):
+                if title in titles[:i]:
+                    raise SpecError(f"two {role} candidates are both {title!r}: give each a distinct "
+                                    "`label:`", path=self.path(role, i))
+
+    def candidates(self, role: str) -> list[EncoderSpec]:
+        value = getattr(self, role)
+        return list(value) if isinstance(value, list) else [value]
+
+    def path(self, role: str, index: int) -> str:
+        """The key path of a candidate: ``image`` for a lone encoder, ``image[1]`` in a list."""
+        return f"{role}[{index}]" if isinstance(getattr(self, role), list) else role
+
+    @property
+    def single(self) -> bool:
+        """One image and one text encoder: one encoder pair."""
+        return all(len(self.candidates(role)) == 1 for role in ROLES)
 
 
 @dataclass
@@ -122,8 +175,8 @@ class SimilaritySpec:
     not given, kept as a labelled comparison. ``seed`` is the oracle's only.
     """
 
-    metric: Literal["mutual_knn", "cycle_knn", "cka", "unbiased_cka", "cknna"] = "mutual_knn"
-    k: Union[int, Literal["rice", "sqrt", "sturges"]] = "rice"
+    metric: METRIC_NAMES = "mutual_knn"
+    k: Union[int, K_RULES] = "rice"
     n_samples: int = 5000
     normalize: bool = True
     seed: int = 0
@@ -138,6 +191,32 @@ class SimilaritySpec:
 
 
 @dataclass
+class EncoderSelectionSpec:
+    """Encoder-pair selection (freeze-align §3.1; :mod:`orchestrator.encoder_pairs`): every
+    (image, text) candidate pair scored on ``probe`` before any trial, by ``metric`` on raw
+    features (``cka``: linear CKA without eps, freeze-align's ``linear_CKA``). ``per_layer``
+    ranks pairs by their best layer pair; ``top``: the K of a grid's ``top`` rule."""
+
+    probe: DatasetRef
+    metric: METRIC_NAMES = "cka"
+    protocol: Literal["per_layer", "freeze_align"] = "per_layer"
+    top: int = 1
+    n_samples: int = 5000
+    k: Union[int, K_RULES] = "rice"
+    normalize: bool = False
+    seed: int = 0
+
+    def __post_init__(self):
+        check_min(self.top, 1, "top")
+        check_min(self.n_samples, 4, "n_samples")
+        check_min(self.seed, 0, "seed")
+        if isinstance(self.k, int):
+            check_min(self.k, 1, "k")
+        if self.protocol == "freeze_align":
+            raise SpecError(FREEZE_ALIGN_UNAVAILABLE, path="protocol")
+
+
+@dataclass
 class SweepSpec:
     """A whole sweep; build it with :func:`load_spec` (or :func:`load_run_spec`)."""
 
@@ -145,9 +224,11 @@ class SweepSpec:
     encoders: EncodersSpec
     data: DataSpec
     search: list[Grid] = field(metadata={  # their union; YAML: one grid or a list
-        "parse": parse_grids, "expects": "a grid (a mapping of dimension -> values) or a list of grids"})
+        "parse": parse_search, "expects": "a grid (a mapping of dimension -> values) or a list of grids"})
     training: dict = field(default_factory=dict)
     similarity: SimilaritySpec = field(default_factory=SimilaritySpec)
+    encoder_selection: Optional[EncoderSelectionSpec] = field(default=None, metadata={  # freeze-align §3.1
+        "parse": lambda v, at: None if v is None else _convert(v, EncoderSelectionSpec, at)})
     tune: TuneSpec = field(default_factory=TuneSpec, metadata={"parse": TuneSpec.parse})
     output_dir: Optional[str] = None  # default: runs/<name>
     cache_dir: Optional[str] = None  # default: $STRUCTURE_SWEEP_CACHE or ~/.cache/structure-sweep
@@ -169,6 +250,7 @@ class SweepSpec:
             _check_merged(grid, self.training, f"search[{i}]")
             check_closed_form(grid, self.training, f"search[{i}]")
         _check_num_samples(self)
+        check_pair_rules(self)
         search = self.tune.search_config
         search.metric, search.mode = _objective(self)
 

@@ -69,14 +69,14 @@ class _Pairs:
         return (n if full is None else min(n, full)), exact
 
 
-def count_plan(spec: SweepSpec, num_layers: Optional[tuple[int, int]]) -> TrialCount:
-    """Per-grid counts (before deduplication) and the unique count the run trains."""
-    tune = spec.tune.search_config
+def count_plan(spec: SweepSpec, num_layers: Optional[tuple[int, int]], grids=None) -> TrialCount:
+    """Per-grid counts (before deduplication) and the unique count the run trains, on one
+    encoder pair of ``num_layers``; ``grids``: those training it (default: every grid)."""
+    tune, grids = spec.tune.search_config, spec.search if grids is None else grids
     if tune.search == "optuna":
-        return TrialCount({g.name: g.sample_count(tune.num_samples) for g in spec.search},
-                          optuna=True)
+        return TrialCount({g.name: g.sample_count(tune.num_samples) for g in grids}, optuna=True)
     count, settings = TrialCount({}), {}
-    for grid in spec.search:
+    for grid in grids:
         count.per_grid[grid.name] = 0
         for index, combo in enumerate(grid.combinations()):
             tokens, exact = _tokens(combo.layers, num_layers)
@@ -117,3 +117,44 @@ def _setting(values: dict) -> str:
     for name in ("image_layer", "text_layer"):
         fields.pop(name)
     return json.dumps(fields, sort_keys=True, default=str)
+
+
+# --- encoder pairs -------------------------------------------------------------------------
+
+def count_pairs(spec: SweepSpec, world) -> dict[str, TrialCount]:
+    """Per encoder pair the grids train: an explicit pair by its label, a ``top`` rule's
+    pairs by rank ("rank 1", ...: which pair is known once the selection ran), each
+    counted on its own layer counts (a rank: those every candidate pair shares, if any)."""
+    from orchestrator.pair_rules import grid_slots
+
+    grids_of: dict = {}
+    for grid in spec.search:
+        for slot in grid_slots(spec, grid):
+            grids_of.setdefault(slot, []).append(grid)
+    return {_slot_label(slot): count_plan(spec, _slot_layers(world, slot), grids)
+            for slot, grids in grids_of.items()}
+
+
+def _slot_label(slot) -> str:
+    return f"rank {slot}" if isinstance(slot, int) else slot.label
+
+
+def _slot_layers(world, slot) -> Optional[tuple[int, int]]:
+    return world.num_layers if isinstance(slot, int) else world.layers_of(slot.image, slot.text)
+
+
+def combine(per_pair: dict[str, TrialCount]) -> TrialCount:
+    """One count over encoder pairs: trials of different pairs never coincide, except that a
+    rank may turn out to be a pair also named explicitly (then the unique count is a bound)."""
+    counts = list(per_pair.values())
+    per_grid: dict[str, Optional[int]] = {}
+    for count in counts:
+        for name, n in count.per_grid.items():
+            known = per_grid.get(name, 0) is not None and n is not None
+            per_grid[name] = per_grid.get(name, 0) + n if known else None
+    mixed = any(k.startswith("rank ") for k in per_pair) and not all(k.startswith("rank ") for k in per_pair)
+    uniques = [c.unique for c in counts]
+    return TrialCount(per_grid, exact=all(c.exact for c in counts),
+                      unique=None if None in uniques else sum(uniques),
+                      unique_exact=all(c.unique_exact for c in counts) and not mixed,
+                      optuna=any(c.optuna for c in counts))

@@ -86,8 +86,10 @@ class TuneRunner:
     """Runs the Tune stage(s) of one sweep; :attr:`tally` counts what happened."""
 
     def __init__(self, spec: SweepSpec, features: FeatureSet, store: FeatureStore,
-                 results: ResultsStore, monitor, log=print):
+                 results: ResultsStore, monitor, log=print, pair_features: dict | None = None):
         self.spec, self.features, self.store, self.results = spec, features, store, results
+        # a multi-encoder sweep: each trial's features are its encoder pair's (PlannedTrial.encoder_pair)
+        self.pair_features = pair_features or {}
         self.monitor, self.log = monitor, log
         self.tally = TuneTally()
         # early-stopped trials count as finished only under ASHA; FIFO re-runs them in full
@@ -107,19 +109,30 @@ class TuneRunner:
         self.log(f"[3/3] trials: {len(planned)} planned, {self.tally.skipped} already "
                  f"finished (skipped), {len(pending)} to run")
         self.monitor.planned(len(pending))
-        all_waves = waves(pending, self.features, self.store, feature_budget(self.spec))
-        for number, wave in enumerate(all_waves, 1):
+        budget = feature_budget(self.spec)
+        all_waves = [(features, wave) for features, trials in self._by_pair(pending)
+                     for wave in waves(trials, features, self.store, budget)]
+        for number, (features, wave) in enumerate(all_waves, 1):
             if len(all_waves) > 1:
+                pair = " + ".join(wave[0].encoder_pair) if len(self.pair_features) > 1 else ""
                 self.log(f"  wave {number}/{len(all_waves)}: {len(wave)} trials on image layers "
-                         f"{sorted({t.config.image_layer for t in wave})}")
-            self._run_wave(wave)
+                         f"{sorted({t.config.image_layer for t in wave})}" + (f" ({pair})" if pair else ""))
+            self._run_wave(wave, features)
         return self.tally
 
-    def _run_wave(self, wave: list[PlannedTrial]) -> None:
+    def _by_pair(self, pending: list[PlannedTrial]) -> list[tuple[FeatureSet, list[PlannedTrial]]]:
+        """Pending trials by encoder pair, with that pair's features: one Tune run (or more
+        waves) per pair, so a trial's payload holds the features it reads."""
+        groups: dict[tuple, list[PlannedTrial]] = defaultdict(list)
+        for t in pending:
+            groups[t.encoder_pair if t.encoder_pair in self.pair_features else None].append(t)
+        return [(self.pair_features.get(key, self.features), trials) for key, trials in groups.items()]
+
+    def _run_wave(self, wave: list[PlannedTrial], features: FeatureSet) -> None:
         tasks = tuple(TrialTask(tuple(group))
                       for group in group_tasks(wave, self.spec.tune.run_config.trials_per_task))
-        refs = put_layers(self.store, self.features, [t.layers for t in tasks])
-        payload = WorkerPayload(self.features, refs, self._context(), tasks=tasks)
+        refs = put_layers(self.store, features, [t.layers for t in tasks])
+        payload = WorkerPayload(features, refs, self._context(), tasks=tasks)
         self._fit(payload, {"task": _grid_search(len(tasks))}, 1, None, total=len(wave))
         # this wave's layers leave the object store (refs dropped) before the next are put
 

@@ -8,7 +8,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from orchestrator.env_vars import unresolved_variables
-from orchestrator.trial_counts import TrialCount
+from orchestrator.pair_rules import grid_slots as _slots
+from orchestrator.trial_counts import TrialCount, combine, count_pairs
 from orchestrator.validation import World
 
 if TYPE_CHECKING:
@@ -16,13 +17,19 @@ if TYPE_CHECKING:
 
 
 def report_lines(spec: SweepSpec, world: World, count: TrialCount) -> list[str]:
+    """``count``: :func:`~orchestrator.trial_counts.count_plan`'s; a sweep of several encoder
+    pairs (or with an encoder selection) is counted here per pair instead."""
+    per_pair = count_pairs(spec, world) if _by_pair(spec) else {}
+    count = combine(per_pair) if per_pair else count
     lines = [f"{spec.source}: OK, {_headline(spec, world, count)}"]
     lines += [f"  grid {name!r}: " + (f"{n} trial(s)" if n is not None else "needs the layer counts")
               for name, n in count.per_grid.items()]
+    lines += _pair_lines(spec, per_pair)
     lines.append("  encoders: " + "; ".join(
-        f"{role} {getattr(spec.encoders, role).name}: "
+        f"{role} {enc.name}" + (f" ({enc.label})" if enc.label else "") + ": "
         + (f"{info.num_layers} layers ({info.source})" if info.num_layers is not None else "layers unknown")
-        for role, info in world.encoders.items()))
+        for role, infos in world.candidates.items()
+        for enc, info in zip(spec.encoders.candidates(role), infos)))
     train = spec.data.train
     if world.train.pairs is not None:
         lines.append(f"  training split: {train.dataset}/{train.split}, {world.train.pairs} pairs "
@@ -35,6 +42,27 @@ def report_lines(spec: SweepSpec, world: World, count: TrialCount) -> list[str]:
     return lines
 
 
+def _by_pair(spec: SweepSpec) -> bool:
+    return not spec.encoders.single or spec.encoder_selection is not None
+
+
+def _pair_lines(spec: SweepSpec, per_pair: dict[str, TrialCount]) -> list[str]:
+    """The trial count per encoder pair; ranks are those of the selection stage."""
+    if not per_pair:
+        return []
+    lines = [f"  per encoder pair ({len(spec.encoders.candidates('image'))} image x "
+             f"{len(spec.encoders.candidates('text'))} text candidates):"]
+    for label, n in per_pair.items():
+        total = n.unique if n.unique is not None else n.total
+        lines.append(f"    {label}: " + ("needs the layer counts" if total is None else
+                                         f"{'' if n.unique_exact else 'at most '}{total} trial(s)"))
+    sel = spec.encoder_selection
+    if sel is not None:
+        lines.append(f"  encoder selection: {sel.metric} ({sel.protocol}) on {sel.probe.dataset}/"
+                     f"{sel.probe.split}, up to {sel.n_samples} probe rows, ranks every pair before any trial")
+    return lines
+
+
 def _headline(spec: SweepSpec, world: World, count: TrialCount) -> str:
     grids = f"{len(spec.search)} grid(s)"
     if count.optuna:
@@ -43,7 +71,8 @@ def _headline(spec: SweepSpec, world: World, count: TrialCount) -> str:
         return (f"{grids}; the trial count depends on the encoders' layer counts "
                 "(known once the models load)")
     layers = world.num_layers
-    text = f"{'' if count.exact else 'up to '}{count.total} trials in {grids}" + (
+    pairs = _pair_count(spec) if _by_pair(spec) else ""
+    text = f"{'' if count.exact else 'up to '}{count.total} trials in {grids}{pairs}" + (
         f" ({layers[0]} image x {layers[1]} text layers)" if layers else "")
     if count.unique is None or count.unique == count.total:
         return text
@@ -52,8 +81,22 @@ def _headline(spec: SweepSpec, world: World, count: TrialCount) -> str:
             "times the grids name it")
 
 
+def _pair_count(spec: SweepSpec) -> str:
+    """' on N encoder pairs' ('up to N' where a rank of the selection may be a named pair)."""
+    from orchestrator.pair_rules import all_pairs
+
+    slots = {slot for grid in spec.search for slot in _slots(spec, grid)}
+    named, ranks = {s for s in slots if not isinstance(s, int)}, {s for s in slots if isinstance(s, int)}
+    n = min(len(all_pairs(spec.encoders)), len(named) + len(ranks))
+    bound = "up to " if named and ranks else ""
+    return f" on {bound}{n} encoder pair{'s' if n != 1 else ''}"
+
+
 def _run_time_only(spec: SweepSpec, count: TrialCount) -> list[str]:
     notes = []
+    if spec.encoder_selection is not None and any(
+            isinstance(slot, int) for g in spec.search for slot in _slots(spec, g)):
+        notes.append("which encoder pairs the ranks are: ranked by the encoder-pair selection")
     rules = sorted({str(r) for g in spec.search for r in g.layer_rules() if r.needs_similarity})
     if rules:
         names = ", ".join(repr(r) for r in rules)

@@ -43,14 +43,26 @@ class World:
     """What :func:`check_world` found out: layer counts, the training split's size,
     and the things only the run can tell."""
 
-    encoders: dict[str, EncoderInfo]  # "image"/"text" -> layer count and its source
+    candidates: dict[str, list[EncoderInfo]]  # "image"/"text" -> per candidate, in the spec's order
     train: SplitIndex
     notes: list[str] = field(default_factory=list)
 
     @property
-    def num_layers(self) -> Optional[tuple[int, int]]:
-        counts = (self.encoders["image"].num_layers, self.encoders["text"].num_layers)
+    def encoders(self) -> dict[str, EncoderInfo]:
+        """Each role's first candidate (a single-encoder spec: its two encoders)."""
+        return {role: infos[0] for role, infos in self.candidates.items()}
+
+    def layers_of(self, image: int, text: int) -> Optional[tuple[int, int]]:
+        """The layer counts of candidate pair (image, text), None where one is unknown."""
+        counts = (self.candidates["image"][image].num_layers, self.candidates["text"][text].num_layers)
         return None if None in counts else counts
+
+    @property
+    def num_layers(self) -> Optional[tuple[int, int]]:
+        """The layer counts every candidate pair shares, else None."""
+        counts = {self.layers_of(i, j) for i in range(len(self.candidates["image"]))
+                  for j in range(len(self.candidates["text"]))}
+        return counts.pop() if len(counts) == 1 else None
 
 
 def check_world(spec: SweepSpec) -> World:
@@ -68,17 +80,18 @@ def check_world(spec: SweepSpec) -> World:
 
 # --- encoders ---------------------------------------------------------------------------
 
-def _encoders(spec: SweepSpec, notes: list[str]) -> dict[str, EncoderInfo]:
-    found = {}
+def _encoders(spec: SweepSpec, notes: list[str]) -> dict[str, list[EncoderInfo]]:
+    found: dict[str, list[EncoderInfo]] = {}
     for role in ("image", "text"):
-        enc, path = getattr(spec.encoders, role), f"encoders.{role}"
-        unset = _unset(enc.name, enc.options)
-        found[role] = EncoderInfo(None, f"unknown until {unset} set") if unset else \
-            _describe(enc, path)
-        if found[role].num_layers is None:
-            notes.append(f"{role} encoder {enc.name}: layer count {found[role].source}")
-        if found[role].weights:
-            notes.append(f"{role} encoder {enc.name}: {found[role].weights}")
+        found[role] = []
+        for i, enc in enumerate(spec.encoders.candidates(role)):
+            path, unset = f"encoders.{spec.encoders.path(role, i)}", _unset(enc.name, enc.options)
+            info = EncoderInfo(None, f"unknown until {unset} set") if unset else _describe(enc, path)
+            if info.num_layers is None:
+                notes.append(f"{role} encoder {enc.name}: layer count {info.source}")
+            if info.weights:
+                notes.append(f"{role} encoder {enc.name}: {info.weights}")
+            found[role].append(info)
     return found
 
 
@@ -92,20 +105,23 @@ def _describe(enc, path: str) -> EncoderInfo:
 
 
 def _check_layer_pairs(spec: SweepSpec, world: World) -> None:
-    """Explicit ``[i, j]`` pairs within the layers (negative indices count from the end)."""
-    sides = list(zip(("image", "text"), (world.encoders["image"], world.encoders["text"])))
+    """Explicit ``[i, j]`` pairs within the layers (negative indices count from the end) of
+    every candidate: a grid's pair must exist in each encoder pair it may train."""
     for g, grid in enumerate(spec.search):
         for rule in grid.layer_rules():
             if rule.kind != "pair":
                 continue
-            for (role, info), index in zip(sides, rule.pair):
-                n = info.num_layers
-                if n is not None and not -n <= index < n:
-                    raise SpecError(
-                        f"layer pair {list(rule.pair)} is out of range: the {role} encoder "
-                        f"{getattr(spec.encoders, role).name} has {n} layers ({info.source}); "
-                        f"allowed {role} layers: 0..{n - 1} (or -{n}..-1 from the end)",
-                        path=f"search[{g}].layers")
+            for role, index in zip(("image", "text"), rule.pair):
+                for enc, info in zip(spec.encoders.candidates(role), world.candidates[role]):
+                    _check_layer_index(rule.pair, role, index, enc.name, info, f"search[{g}].layers")
+
+
+def _check_layer_index(pair, role: str, index: int, name: str, info: EncoderInfo, path: str) -> None:
+    n = info.num_layers
+    if n is not None and not -n <= index < n:
+        raise SpecError(f"layer pair {list(pair)} is out of range: the {role} encoder {name} has {n} "
+                        f"layers ({info.source}); allowed {role} layers: 0..{n - 1} (or -{n}..-1 "
+                        "from the end)", path=path)
 
 
 # --- data --------------------------------------------------------------------------------
@@ -116,6 +132,8 @@ def _data_refs(spec: SweepSpec) -> Iterator[tuple[str, DatasetRef]]:
     for kind in ("zero_shot", "retrieval"):
         for i, ref in enumerate(getattr(spec.data, kind)):
             yield f"data.{kind}[{i}]", ref
+    if spec.encoder_selection is not None:
+        yield "encoder_selection.probe", spec.encoder_selection.probe
 
 
 def _data(spec: SweepSpec, notes: list[str]) -> SplitIndex:

@@ -71,3 +71,42 @@ def test_a_grid_larger_than_the_feature_budget_runs_in_waves(ray_cluster, tmp_pa
         ["wave 1/3", "wave 2/3", "wave 3/3"]
     trials = ResultsStore(tmp_path / "run").query("trials")
     assert len(trials) == 9 and trials["fingerprint"].is_unique
+
+
+def test_candidate_encoders_are_selected_then_the_best_pairs_trained(ray_cluster, tmp_path, tiny):
+    """freeze-align §3.1 end to end: 2 x 2 planted candidates scored on the probe (the val split),
+    the top-2 pairs trained; every encoder runs once per split, a re-run computes nothing."""
+    from dashboards.data import load_run
+    from dashboards.report import encoders_section
+    from orchestrator.feature_store import FeatureStore
+
+    image, text = tiny["encoders"]["image"], tiny["encoders"]["text"]
+    tiny["encoders"] = {  # planted shares peak_image x peak_text: .72 > .48 > .36 > .24
+        "image": [{**image, "label": f"img-{p}", "options": {**image["options"], "peak": p}} for p in (0.9, 0.6)],
+        "text": [{**text, "label": f"txt-{p}", "options": {**text["options"], "peak": p}} for p in (0.8, 0.4)]}
+    tiny["encoder_selection"] = {"probe": tiny["data"]["val"], "metric": "cka", "top": 2}
+    tiny["search"] = [{"name": "top", "encoder_pairs": "top", "layers": "last", "n_train": 150}]
+    spec_file = tmp_path / "pairs.yaml"
+    spec_file.write_text(yaml.safe_dump({**tiny, "output_dir": str(tmp_path / "run"),
+                                         "cache_dir": str(tmp_path / "cache")}))
+    spec = load_spec(spec_file)
+    first = run_sweep(spec, log=lambda *_: None)
+    assert first.planned == 2 and first.finished == 2 and first.failed == 0
+    # probe: 4 candidates x val; then 3 encoders x 4 splits, whose val is the probe's (cached)
+    assert (first.features_computed, first.features_cached) == (4 + 9, 3)
+    assert len(list(FeatureStore(tmp_path / "cache" / "features").root.glob("*/manifest.json"))) == 13
+
+    store = ResultsStore(spec.run_dir)
+    ranked = store.query("encoder_pairs").sort_values("rank")
+    order = [("img-0.9", "txt-0.8"), ("img-0.6", "txt-0.8"), ("img-0.9", "txt-0.4"), ("img-0.6", "txt-0.4")]
+    assert list(zip(ranked["image_encoder"], ranked["text_encoder"])) == order
+    trials = store.query("trials")
+    assert set(zip(trials["image_encoder"], trials["text_encoder"])) == set(order[:2])
+    similarity = store.query("layer_similarity")
+    assert set(zip(similarity["image_encoder"], similarity["text_encoder"])) == set(order[:2])
+    assert encoders_section(load_run(spec.run_dir)).figures == 1
+
+    second = run_sweep(spec, log=lambda *_: None)
+    assert second.finished == 0 and second.skipped == 2
+    assert (second.features_computed, second.features_cached) == (0, 16)
+    assert len(store.query("encoder_pairs")) == 4

@@ -248,8 +248,9 @@ def _hsic_combine(a: _HsicTerms, b: _HsicTerms, dot: torch.Tensor, unbiased: boo
     return (dot + a.total * b.total / ((m - 1) * (m - 2)) - 2 * cross / (m - 2)) / (m * (m - 3))
 
 
-def _cka_all(xs, ys, unbiased: bool) -> torch.Tensor:
-    """CKA for all pairs from each layer's Gram matrix, computed once (linear kernel)."""
+def _cka_all(xs, ys, unbiased: bool, eps: float = CKA_EPS) -> torch.Tensor:
+    """CKA for all pairs from each layer's Gram matrix, computed once (linear kernel);
+    ``eps`` in the denominator (0: freeze-align's ``linear_CKA``)."""
     m = xs[0].shape[0]
     if unbiased:
         _check_unbiased_rows(m)
@@ -263,7 +264,7 @@ def _cka_all(xs, ys, unbiased: bool) -> torch.Tensor:
         tx = _hsic_terms(_linear_kernel(x), unbiased)
         self_x = _hsic_combine(tx, tx, tx.flat @ tx.flat, unbiased, m)
         hsic = _hsic_combine(tx, stack_y, stack_y.flat @ tx.flat, unbiased, m)
-        rows.append(hsic / (torch.sqrt(self_x * self_y) + CKA_EPS))
+        rows.append(hsic / (torch.sqrt(self_x * self_y) + eps))
     return torch.stack(rows)
 
 
@@ -307,8 +308,8 @@ class Metric:
 METRICS: Registry[Metric] = Registry("metric")
 METRICS.register("mutual_knn", Metric(mutual_knn, _mutual_knn_all, uses_k=True))
 METRICS.register("cycle_knn", Metric(cycle_knn, _cycle_knn_all, uses_k=True))
-METRICS.register("cka", Metric(cka, lambda xs, ys: _cka_all(xs, ys, unbiased=False), uses_k=False))
-METRICS.register("unbiased_cka", Metric(unbiased_cka, lambda xs, ys: _cka_all(xs, ys, unbiased=True),
+METRICS.register("cka", Metric(cka, lambda xs, ys, eps=CKA_EPS: _cka_all(xs, ys, False, eps), uses_k=False))
+METRICS.register("unbiased_cka", Metric(unbiased_cka, lambda xs, ys, eps=CKA_EPS: _cka_all(xs, ys, True, eps),
                                         uses_k=False))
 METRICS.register("cknna", Metric(cknna, _cknna_all, uses_k=True, min_k=2))
 
@@ -341,6 +342,7 @@ def layer_similarity(
     k: Union[int, str] = "rice",
     normalize: bool = True,
     include_concat: bool = False,
+    eps: float = CKA_EPS,
 ) -> torch.Tensor:
     """metric(x layer a, y layer b) for every pair, as a float64 [Lx, Ly] tensor (§6.2).
 
@@ -350,6 +352,8 @@ def layer_similarity(
     ``include_concat`` appends the official "−1" entry, all layers concatenated along
     the feature axis, as the LAST row/column: the result is [Lx+1, Ly+1] and
     Python index −1 means the concatenation, as in the official code.
+    ``eps``: the CKA metrics' denominator term (1e-6 as the official code; 0 is
+    freeze-align's ``linear_CKA``); the kNN metrics have none.
 
     Memory: kNN metrics hold one [N, N] bool mask at a time; CKA holds the Ly
     y-side Gram matrices in float64 (Ly·N²·8 bytes, 5 GB for 25 layers at N=5000).
@@ -361,7 +365,7 @@ def layer_similarity(
         raise ValueError(f"x_layers and y_layers must have the same number of rows, got {n} and {ys[0].shape[0]}")
     xs, ys = _prepare_layers(xs, normalize, include_concat), _prepare_layers(ys, normalize, include_concat)
     if not spec.uses_k:
-        return spec.all_pairs(xs, ys)
+        return spec.all_pairs(xs, ys, eps=eps)
     k_value = topk_from_rule(n, k)
     _check_k(k_value, n, minimum=spec.min_k)
     return spec.all_pairs(xs, ys, k_value)

@@ -79,8 +79,8 @@ def test_every_figure_renders_without_javascript_errors(toy_run, tmp_path):
     report = probe(page, tmp_path)
     assert report["errors"] == []
     sections = report["sections"]
-    assert list(sections) == ["summary", "table", "scaling", "layers", "sensitivity", "search",
-                              "health", "neighbourhood"]
+    assert list(sections) == ["summary", "encoders", "table", "scaling", "layers", "sensitivity",
+                              "search", "health", "neighbourhood"]
     assert sum(s["expected"] for s in sections.values()) == 12
     for key, counts in sections.items():
         assert counts["drawn"] == counts["expected"], f"section {key}: {counts}"

@@ -13,8 +13,9 @@ from dashboards.report import build_sections, watch, write_report
 from orchestrator.cli import build_parser
 from tests.dashboards.conftest import build_rows, problem_rows, similarity_rows, write_run
 
-EXPECTED_FIGURES = {"summary": 0, "table": 0, "scaling": 1, "layers": 2, "sensitivity": 3,
-                    "search": 3, "health": 2, "neighbourhood": 0}  # the toy run has no epochs
+EXPECTED_FIGURES = {"summary": 0, "encoders": 0, "table": 0, "scaling": 1, "layers": 2,
+                    "sensitivity": 3, "search": 3, "health": 2,
+                    "neighbourhood": 0}  # the toy run has no epochs
 
 
 def test_every_section_has_its_figures(toy_run):

@@ -8,6 +8,7 @@ import yaml
 from orchestrator.config import SpecError
 from orchestrator.planning import count_trials
 from orchestrator.grids import Grid
+from orchestrator.pair_rules import parse_search
 from orchestrator.spec import load_spec
 from orchestrator.tune_settings import TuneSpec
 from trials.selection import parse_rule
@@ -185,7 +186,7 @@ def test_resolved_grids_are_written_in_the_spec_spelling(tmp_path, name):
     else:
         spec = load_spec(DEMO.parent / name)
     written = spec.resolved()["search"]
-    assert [Grid.parse(g, f"search[{i}]") for i, g in enumerate(written)] == spec.search
+    assert parse_search(written, "search") == spec.search  # grids, and the encoder pairs they name
 
 
 def test_tune_options_are_checked(tmp_path):

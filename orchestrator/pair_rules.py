@@ -1,0 +1,233 @@
+"""Candidate encoders and the encoder pairs a sweep trains (the spec side; torch-free).
+
+``encoders.image`` and ``encoders.text`` each name one encoder or a list of
+candidates; every (image, text) candidate pair is an :class:`EncoderPair`, a
+dimension of the search like a layer pair. A grid says which pairs it trains
+with ``encoder_pairs`` (:class:`PairRule`):
+
+* ``[image, text]``: one pair, each side a candidate's label (its ``label:``,
+  else its ``name``) or its index in the list;
+* ``topK`` (``top``: K = ``encoder_selection.top``): the K best pairs of the
+  encoder-pair selection stage (:mod:`orchestrator.encoder_pairs`);
+* ``all``: every candidate pair.
+
+A grid without ``encoder_pairs`` trains ``top`` when the spec has an
+``encoder_selection``, else ``all`` (a single-encoder spec: its one pair).
+Which pairs ``top`` means is known only after the selection stage ran, so
+validation counts trials per rank ("rank 1", "rank 2", ...).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Optional
+
+from orchestrator.config import SpecError
+from orchestrator.grids import Grid, parse_grids
+
+if TYPE_CHECKING:
+    from orchestrator.spec import EncodersSpec, SweepSpec
+
+KEY = "encoder_pairs"  # the grid key
+ROLES = ("image", "text")
+_RULE = re.compile(r"all|top(\d*)")
+FREEZE_ALIGN_UNAVAILABLE = (  # encoder_selection.protocol: freeze_align, refused at load
+    "protocol 'freeze_align' is not yet available: it needs token features (issue: token "
+    "projector): the mean over ALL tokens of the last hidden state after the final norm (CLS "
+    "included) for images, the sentence-embedding pipeline averaged over each image's captions for "
+    "text. Use protocol: per_layer (every layer pair of the pooled features)")
+
+
+@dataclass(frozen=True)
+class EncoderPair:
+    """One image candidate with one text candidate (indices into the spec's lists)."""
+
+    image: int
+    text: int
+    image_label: str
+    text_label: str
+
+    @property
+    def labels(self) -> tuple[str, str]:
+        return self.image_label, self.text_label
+
+    @property
+    def label(self) -> str:
+        return f"{self.image_label} + {self.text_label}"
+
+
+@dataclass(frozen=True)
+class PairRule:
+    """A grid's ``encoder_pairs`` entry: ``pair`` (as written), ``top`` (k=0: the
+    selection's ``top``) or ``all``."""
+
+    kind: str
+    pair: tuple = ()
+    k: int = 0
+
+    def __str__(self) -> str:
+        if self.kind == "pair":
+            return f"[{self.pair[0]}, {self.pair[1]}]"
+        return f"top{self.k or ''}" if self.kind == "top" else "all"
+
+    def to_spec(self) -> Any:
+        return list(self.pair) if self.kind == "pair" else str(self)
+
+
+def is_rule_word(value: Any) -> bool:
+    return isinstance(value, str) and _RULE.fullmatch(value) is not None
+
+
+def parse_pair_rules(value: Any, path: str) -> list[PairRule]:
+    """``encoder_pairs``: a rule word, one ``[image, text]`` pair, or a list of them."""
+    if value == []:
+        raise SpecError("an empty list: this grid would train no encoder pair", path=path)
+    if _is_pair(value) or not isinstance(value, list):
+        value = [value]
+    return [_parse_rule(v, f"{path}[{i}]") for i, v in enumerate(value)]
+
+
+def _is_pair(value: Any) -> bool:
+    """A two-item list of labels/indices, neither a rule word: one pair, not two rules."""
+    return (isinstance(value, list) and len(value) == 2
+            and all(isinstance(v, (str, int)) and not isinstance(v, bool) for v in value)
+            and not any(is_rule_word(v) for v in value))
+
+
+def _parse_rule(value: Any, path: str) -> PairRule:
+    if _is_pair(value):
+        return PairRule("pair", tuple(value))
+    match = _RULE.fullmatch(value) if isinstance(value, str) else None
+    if match is None:
+        raise SpecError(f"{value!r} is not an encoder-pair rule; allowed: [image, text] (labels or "
+                        "indices of the candidates), topK (the K best pairs of encoder_selection), "
+                        "top, all; a list of pairs is written [[image, text], ...]", path=path)
+    k = int(match.group(1)) if match.group(1) else 0
+    if value.startswith("top") and match.group(1) and k < 1:
+        raise SpecError(f"{value!r}: K must be >= 1", path=path)
+    return PairRule("top" if value.startswith("top") else "all", k=k)
+
+
+@dataclass
+class PairedGrid(Grid):
+    """A grid and the encoder pairs it trains (empty: the spec's default rule)."""
+
+    encoder_pairs: list[PairRule] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        out = super().to_dict()
+        return {**out, KEY: [r.to_spec() for r in self.encoder_pairs]} if self.encoder_pairs else out
+
+
+def parse_search(value: Any, path: str) -> list[Grid]:
+    """``search:`` as :func:`orchestrator.grids.parse_grids` reads it, plus each grid's
+    ``encoder_pairs`` (taken out before the grid is parsed: it is not a trial field)."""
+    raw = [value] if isinstance(value, dict) else value
+    if not isinstance(raw, list):
+        return parse_grids(value, path)  # its own error
+    rules = [parse_pair_rules(g[KEY], f"{path}[{i}].{KEY}") if isinstance(g, dict) and KEY in g else []
+             for i, g in enumerate(raw)]
+    stripped = [{k: v for k, v in g.items() if k != KEY} if isinstance(g, dict) else g for g in raw]
+    grids = parse_grids(stripped, path)
+    return [PairedGrid(**{f.name: getattr(g, f.name) for f in dataclasses.fields(Grid)}, encoder_pairs=r)
+            if r else g for g, r in zip(grids, rules)]  # a plain Grid where it names no pairs
+
+
+# --- candidates and pairs -------------------------------------------------------------
+
+def all_pairs(encoders: EncodersSpec) -> list[EncoderPair]:
+    """Every (image, text) candidate pair, image-major, in the spec's order."""
+    images, texts = encoders.candidates("image"), encoders.candidates("text")
+    return [EncoderPair(i, j, a.title, b.title) for i, a in enumerate(images) for j, b in enumerate(texts)]
+
+
+def resolve_pair(encoders: EncodersSpec, written: tuple, path: str = "") -> EncoderPair:
+    """The pair ``[image, text]`` names (labels or indices), or a SpecError naming the choices."""
+    index = [_candidate_index(encoders, role, ref, path) for role, ref in zip(ROLES, written)]
+    return next(p for p in all_pairs(encoders) if (p.image, p.text) == tuple(index))
+
+
+def _candidate_index(encoders: EncodersSpec, role: str, ref, path: str) -> int:
+    titles = [e.title for e in encoders.candidates(role)]
+    if isinstance(ref, int) and -len(titles) <= ref < len(titles):
+        return ref % len(titles)
+    if isinstance(ref, str) and ref in titles:
+        return titles.index(ref)
+    raise SpecError(f"{ref!r} names no {role} candidate; {role} candidates: "
+                    + ", ".join(f"{i}: {t!r}" for i, t in enumerate(titles)), path=path)
+
+
+def grid_rules(spec: SweepSpec, grid: Grid) -> list[PairRule]:
+    """The grid's own rules, else the default (module docstring)."""
+    own = getattr(grid, KEY, None)
+    if own:
+        return list(own)
+    return [PairRule("top")] if spec.encoder_selection is not None else [PairRule("all")]
+
+
+def top_k(spec: SweepSpec, rule: PairRule) -> int:
+    return rule.k or spec.encoder_selection.top
+
+
+def grid_pairs(spec: SweepSpec, grid: Grid, ranking: Optional[list[EncoderPair]]) -> list[EncoderPair]:
+    """The pairs a grid trains, in rule order, each once; ``ranking``: the selection's, best first."""
+    out: list[EncoderPair] = []
+    for rule in grid_rules(spec, grid):
+        if rule.kind == "pair":
+            out.append(resolve_pair(spec.encoders, rule.pair))
+        elif rule.kind == "all":
+            out.extend(all_pairs(spec.encoders))
+        else:
+            if ranking is None:
+                raise ValueError(f"grid {grid.name!r}: {rule} needs the encoder-pair selection's ranking")
+            out.extend(ranking[:top_k(spec, rule)])
+    return list(dict.fromkeys(out))
+
+
+def trained_pairs(spec: SweepSpec, ranking: Optional[list[EncoderPair]]) -> list[EncoderPair]:
+    """Every pair some grid trains, first named first."""
+    return list(dict.fromkeys(p for grid in spec.search for p in grid_pairs(spec, grid, ranking)))
+
+
+def grid_slots(spec: SweepSpec, grid: Grid) -> list:
+    """What validation can know of a grid's pairs: EncoderPairs, and ranks (ints) for ``top``."""
+    slots: list = []
+    for rule in grid_rules(spec, grid):
+        if rule.kind == "pair":
+            slots.append(resolve_pair(spec.encoders, rule.pair))
+        elif rule.kind == "all":
+            slots.extend(all_pairs(spec.encoders))
+        else:
+            slots.extend(range(1, top_k(spec, rule) + 1))
+    return list(dict.fromkeys(slots))
+
+
+def check_pair_rules(spec: SweepSpec) -> None:
+    """Every grid's pairs exist, ``top`` has a selection to rank by and at most as many
+    pairs as there are; Optuna searches one encoder pair (its space is one pair's layers)."""
+    n_pairs = len(all_pairs(spec.encoders))
+    for i, grid in enumerate(spec.search):
+        path = f"search[{i}].{KEY}"
+        for rule in grid_rules(spec, grid):
+            if rule.kind == "pair":
+                resolve_pair(spec.encoders, rule.pair, path)
+            elif rule.kind == "top":
+                _check_top(spec, rule, n_pairs, path)
+    if spec.tune.search_config.search == "optuna":
+        slots = {tuple(map(str, grid_slots(spec, g))) for g in spec.search}
+        if len(slots) != 1 or len(next(iter(slots))) != 1:
+            raise SpecError("tune.search: optuna searches one encoder pair; give every grid the same "
+                            "single pair (encoder_pairs: top1, or [image, text]), or use grid search",
+                            path="search")
+
+
+def _check_top(spec: SweepSpec, rule: PairRule, n_pairs: int, path: str) -> None:
+    if spec.encoder_selection is None:
+        raise SpecError(f"{rule} takes the best pairs of the encoder-pair selection: add "
+                        "encoder_selection: {probe: <dataset ref>, metric: cka, top: K}, or name "
+                        "pairs ([image, text]) or all", path=path)
+    if top_k(spec, rule) > n_pairs:
+        raise SpecError(f"{rule} asks for {top_k(spec, rule)} pairs, but the candidates make only "
+                        f"{n_pairs}", path=path)
