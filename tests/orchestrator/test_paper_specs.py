@@ -17,7 +17,7 @@ import pytest
 
 from orchestrator.config import SpecError
 from orchestrator.spec import check_runnable, load_spec
-from orchestrator.trial_counts import count_plan
+from orchestrator.trial_counts import combine, count_pairs, count_plan
 from orchestrator.validate_report import report_lines
 from orchestrator.validation import check_world
 
@@ -34,7 +34,12 @@ PAPER_SPECS = {
     "neighbourhood.yaml": (COCO_TRAIN, 6),
     "scaling_up.yaml": (COCO_TRAIN + LAION, 81),
     "distribution_shift.yaml": (COCO_TRAIN + 3 * 1000, 15),
+    "model_combinations.yaml": (COCO_TRAIN, 45),  # 3 presets x 5 seeds x 3 language models
 }
+
+
+def _candidates(encoders) -> list[int]:
+    return [len(encoders) if isinstance(encoders, list) else 1]
 
 
 def variables(path: Path) -> set[str]:
@@ -99,6 +104,8 @@ def test_paper_specs_validate_against_official_sizes(name, fake_roots, monkeypat
     pairs, trials = PAPER_SPECS[name]
     assert world.train.pairs == pairs, world.train.source
     count = count_plan(spec, world.num_layers)
+    if _candidates(spec.encoders.image) + _candidates(spec.encoders.text) != [1, 1]:
+        count = combine(count_pairs(spec, world))  # what validate prints for several pairs
     assert (count.total if count.exact else None) == trials
     printed = "\n".join(report_lines(spec, world, count))  # what `structure-sweep validate` prints
     assert f"training split: {spec.data.train.dataset}/train, {pairs} pairs" in printed
@@ -128,7 +135,8 @@ def coco_sources(ref) -> list:
 @pytest.mark.parametrize("name", sorted(PAPER_SPECS))
 def test_paper_specs_follow_the_official_protocol(name):
     spec = load_spec(PAPER / name)
-    assert (spec.encoders.image.dtype, spec.encoders.text.dtype) == ("float32", "bfloat16")  # §7
+    image, text = (e if isinstance(e, list) else [e] for e in (spec.encoders.image, spec.encoders.text))
+    assert {e.dtype for e in image} == {"float32"} and {e.dtype for e in text} == {"bfloat16"}  # §7
     (train,) = coco_sources(spec.data.train)
     for ref, split in ((train, "train"), ({"split": spec.data.val.split, "options": spec.data.val.options}, "val")):
         assert ref["split"] == split and ref["options"].get("year", 2014) == 2014  # train2014 / val2014
