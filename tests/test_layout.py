@@ -212,3 +212,10 @@ def test_function_length_p90():
     lengths = sorted(f.end_lineno - f.lineno + 1 for p in in_packages for f in functions(p))
     p90 = lengths[math.ceil(0.9 * len(lengths)) - 1]
     assert p90 <= MAX_P90_FUNCTION_LINES, f"90% of {len(lengths)} functions are ≤ {p90} lines"
+
+
+def test_test_modules_have_unique_names():
+    """pytest imports test files by basename (no packages under tests/): two files of one
+    name in different folders stop the whole collection."""
+    names = [p.name for p in (ROOT / "tests").rglob("test_*.py")]
+    assert len(names) == len(set(names)), sorted(n for n in set(names) if names.count(n) > 1)
