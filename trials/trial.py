@@ -47,7 +47,9 @@ class RetrievalSet:
 
 @dataclass
 class TrialData:
-    """Features of the trial's two layers: paired train/val rows and eval sets."""
+    """Features of the trial's two layers: paired train/val rows, eval sets and,
+    optionally, unpaired image/text rows that enter the R_S term only (all of them,
+    not subsampled with ``n_train``; a closed-form head has no R_S and ignores them)."""
 
     train_image: np.ndarray
     train_text: np.ndarray
@@ -55,6 +57,8 @@ class TrialData:
     val_text: np.ndarray
     zero_shot: dict[str, ZeroShotSet] = field(default_factory=dict)
     retrieval: dict[str, RetrievalSet] = field(default_factory=dict)
+    extra_image: Optional[np.ndarray] = None
+    extra_text: Optional[np.ndarray] = None
 
 
 def subsample(n_total: int, n_train: Optional[int], seed: int) -> torch.Tensor:
@@ -106,8 +110,10 @@ def _train_heads(train_image, train_text, data, config, to, on_epoch):
     val_image, val_text = to(data.val_image), to(data.val_text)
     recorder = EpochRecorder((image_head, text_head), val_image, val_text, train_config.batch_size,
                              clip_only, record_stride(train_config.epochs), forward=on_epoch)
+    extra = {name: None if value is None else to(value)
+             for name, value in (("extra_image", data.extra_image), ("extra_text", data.extra_text))}
     result = train_alignment(image_head, text_head, loss_fn, train_image, train_text,
-                             val_image, val_text, train_config, on_epoch=recorder)
+                             val_image, val_text, train_config, on_epoch=recorder, **extra)
     if not math.isfinite(result.best_val_loss):
         raise FloatingPointError(
             f"training diverged: the validation loss was never finite in {len(result.history)} "
