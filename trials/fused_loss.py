@@ -194,9 +194,10 @@ def frozen_side(original: torch.Tensor, *, levels: int, temperature: float, cent
     _softmax_similarity_(x, temperature, out=half_p[0])
     for level in range(1, levels):  # P^l = P^(l-1) P, all powers before P is overwritten
         torch.mm(half_p[level - 1], half_p[0], out=half_p[level])
+    eps = torch.tensor(EPS, dtype=x.dtype)  # a 0-d operand: ½P + ε in one pass, bit for bit
     for p_l, log_p_l in zip(half_p, log_p):
         torch.add(p_l, EPS, out=log_p_l).log_()
-        p_l.mul_(0.5).add_(EPS)
+        torch.add(eps, p_l, alpha=0.5, out=p_l)
     return FrozenSide(half_p, log_p)
 
 
@@ -263,14 +264,13 @@ def _divergence(q, half_p, log_p, workspace, grad_name, need_grad):
     torch.add(half_p, q, alpha=0.5, out=mix)  # M̃ = ½(P + Q) + ε
     ratio = workspace.matrix(grad_name, n, n, q)
     torch.log(mix, out=ratio)
-    scratch = workspace.matrix("lq", n, n, q)
-    torch.add(q, EPS, out=scratch).log_()
+    q_eps = torch.add(q, EPS, out=workspace.matrix("q_eps", n, n, q))  # Q̃, kept for the gradient
+    scratch = torch.log(q_eps, out=workspace.matrix("lq", n, n, q))
     ratio.sub_(scratch.add_(log_p), alpha=0.5)  # K = log M̃ − ½log Q̃ − ½log P̃
     raw = torch.mul(mix, ratio, out=scratch).sum() / n
     if not need_grad:
         return raw, None
-    ratio.sub_(mix.div_(torch.add(q, EPS, out=scratch)))  # K − M̃/Q̃
-    return raw, ratio
+    return raw, ratio.sub_(mix.div_(q_eps))  # K − M̃/Q̃
 
 
 def _through_powers(q, grads, coefficients, workspace):
