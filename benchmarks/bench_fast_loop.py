@@ -67,6 +67,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--allocator", choices=("current", "jemalloc", "both"), default="current",
                         help="run in this process, or re-run under jemalloc / under both allocators")
+    parser.add_argument("--profile", action="store_true",
+                        help="also profile 2 epochs of the fast path (torch.profiler) and print where the time goes")
     parser.add_argument("--smoke-test", action="store_true", help="tiny sizes, a few seconds")
     args = parser.parse_args(argv)
     args.paths = [p for p in args.paths.split(",") if p]
@@ -272,6 +274,8 @@ def measure(args) -> dict:
             setup_s[path].append(times[0] - steady)
             histories[path].append(history)
         peaks.append(matmul_peak(args.device, peak_size))
+    if args.profile:
+        profile_fast(args, feats)
     return dict(epoch_s=epoch_s, setup_s=setup_s, histories=histories, peak=max(peaks))
 
 
@@ -327,6 +331,20 @@ def rerun_under_allocators(args, argv) -> None:
         print(out, end="")
         lines += [ln for ln in out.splitlines() if ln.startswith("SUMMARY")]
     print("\n".join(lines))
+
+
+def profile_fast(args, feats) -> None:
+    """Op table of 2 epochs of the fast path, and the share of its time spent in matmuls."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        run_path("fast", feats, args, 2)
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    matmul = sum(e.self_cpu_time_total for e in events if e.key in ("aten::mm", "aten::addmm", "aten::bmm"))
+    print(events.table(sort_by="self_cpu_time_total", row_limit=20))
+    print(f"profile: matmuls take {matmul / total:.0%} of the fast path's op time "
+          f"({matmul / 1e6:.2f} of {total / 1e6:.2f} s over 2 epochs, the first with setup)")
 
 
 def _without_option(argv, option):

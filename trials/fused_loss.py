@@ -248,7 +248,9 @@ def _structure_pass(x, *, frozen, levels, temperature, weighting, margin, worksp
     if not need_grad:
         return value, None
     grad_q, scale = _through_powers(q, grads, coefficients, workspace)
-    grad_s = torch.ops.aten._softmax_backward_data.out(grad_q, q[0], 1, x.dtype, grad_input=grad_q)
+    # into the mixture's buffer (free by now): no kernel is trusted to read and write one buffer
+    grad_s = torch.ops.aten._softmax_backward_data.out(grad_q, q[0], 1, x.dtype,
+                                                       grad_input=workspace.matrix("m", n, n, x))
     return value, (_symmetric_product(grad_s, x, workspace).mul_(scale / temperature),)
 
 
