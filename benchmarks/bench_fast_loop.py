@@ -75,6 +75,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.__dict__.update(SETTINGS[args.setting])
     if args.smoke_test:
         args.n, args.in_dim, args.out_dim, args.batch_size, args.epochs, args.repeats = 600, 48, 32, 256, 2, 1
+        args.threads = args.threads or 1  # tiny tensors: thread start-up would dominate
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.epochs < 2:
@@ -165,17 +166,21 @@ def _sync(device):
 
 
 def run_path(path, feats, args, epochs):
-    """(per-epoch seconds, per-epoch history) of one loop from a fresh, identical start."""
+    """Per-epoch (wall, CPU) seconds and per-epoch losses of one loop from a fresh, identical start.
+
+    CPU time (this process, all threads) is reported beside wall time: on a
+    shared machine it moves far less with the other processes' load.
+    """
     heads = [build_head("linear", args.in_dim, args.out_dim, seed=s).to(args.device) for s in (0, 1)]
     times, history = [], []
     _sync(args.device)
-    last = time.perf_counter()
+    last = (time.perf_counter(), time.process_time())
 
     def on_epoch(epoch, row):
         nonlocal last
         _sync(args.device)
-        now = time.perf_counter()
-        times.append(now - last)
+        now = (time.perf_counter(), time.process_time())
+        times.append((now[0] - last[0], now[1] - last[1]))
         history.append((row["train_loss"], row["val_loss"]))
         last = now
 
@@ -263,20 +268,22 @@ def measure(args) -> dict:
     feats = [torch.randn(args.n, args.in_dim, generator=g).to(args.device) for _ in range(4)]
     peak_size = 256 if args.smoke_test else (8192 if args.device.startswith("cuda") else 4096)
     peaks = [matmul_peak(args.device, peak_size)]
-    epoch_s = {p: [] for p in args.paths}
-    setup_s = {p: [] for p in args.paths}
-    histories = {p: [] for p in args.paths}
+    epoch_s, cpu_s, setup_s, histories = ({p: [] for p in args.paths} for _ in range(4))
+    load = [os.getloadavg()[0]]
     for _ in range(args.repeats):
         for path in args.paths:  # interleaved: the machine's load hits every path alike
             times, history = run_path(path, feats, args, args.epochs)
-            steady = statistics.median(times[1:])
+            steady = statistics.median(wall for wall, _ in times[1:])
             epoch_s[path].append(steady)
-            setup_s[path].append(times[0] - steady)
+            cpu_s[path].append(statistics.median(cpu for _, cpu in times[1:]))
+            setup_s[path].append(times[0][0] - steady)
             histories[path].append(history)
         peaks.append(matmul_peak(args.device, peak_size))
+        load.append(os.getloadavg()[0])
     if args.profile:
         profile_fast(args, feats)
-    return dict(epoch_s=epoch_s, setup_s=setup_s, histories=histories, peak=max(peaks))
+    return dict(epoch_s=epoch_s, cpu_s=cpu_s, setup_s=setup_s, histories=histories, peak=max(peaks),
+                load=load)
 
 
 def report(args, m) -> str:
@@ -285,18 +292,23 @@ def report(args, m) -> str:
     print(f"device: {args.device} ({name}), allocator: {allocator()}, torch {torch.__version__}")
     print(f"setting {args.setting}: N={args.n} train + {args.n} val, {args.in_dim}->{args.out_dim}, batch "
           f"{args.batch_size}, lambda={args.lam}, L={args.levels}; {args.epochs} epochs x {args.repeats} repeats")
+    print(f"  1-min load average of the machine: {', '.join(f'{x:.1f}' for x in m['load'])} "
+          f"(at start and after each repeat; {os.cpu_count()} CPUs)")
     for p in args.paths:
         runs = ", ".join(f"{s:.2f}" for s in m["epoch_s"][p])
-        print(f"  {p:9s} {med[p]:7.3f} s/epoch (runs: {runs}); setup {statistics.median(m['setup_s'][p]):+.2f} s")
+        print(f"  {p:9s} {med[p]:7.3f} s/epoch (runs: {runs}); CPU {statistics.median(m['cpu_s'][p]):.2f} s/epoch; "
+              f"setup {statistics.median(m['setup_s'][p]):+.2f} s")
     summary = [f"setting={args.setting}", f"allocator={allocator()}", f"threads={torch.get_num_threads()}"]
     summary += [f"{p}={med[p]:.3f}s/epoch" for p in args.paths]
     if "fast" in args.paths:
         for base in ("official", "reference"):
             if base in args.paths:
                 ratios = [b / f for b, f in zip(m["epoch_s"][base], m["epoch_s"]["fast"])]
-                print(f"  speed-up fast vs {base}: {statistics.median(ratios):.2f}x "
-                      f"(per repeat: {', '.join(f'{r:.2f}' for r in ratios)})")
+                cpu = statistics.median(b / f for b, f in zip(m["cpu_s"][base], m["cpu_s"]["fast"]))
+                print(f"  speed-up fast vs {base}: {statistics.median(ratios):.2f}x wall "
+                      f"(per repeat: {', '.join(f'{r:.2f}' for r in ratios)}); {cpu:.2f}x in CPU time")
                 summary.append(f"speedup_vs_{base}={statistics.median(ratios):.2f}x")
+                summary.append(f"cpu_speedup_vs_{base}={cpu:.2f}x")
         rate = fast_matmul_flops(args) / med["fast"]
         print(f"  matmul peak ({args.device}, fp32 square): {m['peak'] / 1e12:.3f} TFLOP/s; fast path's matmuls: "
               f"{rate / 1e12:.3f} TFLOP/s over the whole epoch = {rate / m['peak']:.0%} of peak")
