@@ -6,7 +6,11 @@ own fp32 matmul throughput (measured in the same run) that the loop achieves,
 counting the matmul FLOPs of heads, CLIP logits and R_S (forward + backward).
 
     python benchmarks/bench_train_loop.py            # N=5000, 384->256, batch 4096, 50 epochs
+    python benchmarks/bench_train_loop.py --impl reference
     python benchmarks/bench_train_loop.py --smoke-test
+
+The FLOPs counted are those of the reference formulas (the work to be done),
+whichever path runs them. benchmarks/bench_fast_loop.py compares the paths.
 """
 
 from __future__ import annotations
@@ -32,6 +36,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--matmul-size", type=int, default=None, help="square fp32 matmul size")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--impl", choices=("auto", "fast", "reference"), default="auto",
+                        help="train_alignment's path (auto: fast where it applies)")
     parser.add_argument("--smoke-test", action="store_true", help="tiny sizes, a few seconds")
     args = parser.parse_args()
     if args.threads:
@@ -88,7 +94,7 @@ def run_loop(args, epochs: int) -> float:
                          device=args.device)
     _sync(args.device)
     start = time.perf_counter()
-    train_alignment(*heads, loss_fn, *feats, config)
+    train_alignment(*heads, loss_fn, *feats, config, impl=args.impl)
     _sync(args.device)
     return time.perf_counter() - start
 
@@ -101,7 +107,7 @@ def main() -> None:
     flops = loop_flops(args.n, args.in_dim, args.out_dim, args.batch_size, args.epochs, args.lam)
     name = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"cpu x{torch.get_num_threads()}"
     print(f"device: {args.device} ({name})")
-    print(f"loop: N={args.n} train + {args.n} val, {args.in_dim}->{args.out_dim} linear heads, "
+    print(f"loop ({args.impl}): N={args.n} train + {args.n} val, {args.in_dim}->{args.out_dim} linear heads, "
           f"batch {args.batch_size}, {args.epochs} epochs, lambda={args.lam}")
     print(f"time: {seconds:.3f} s  ({seconds / args.epochs * 1e3:.2f} ms/epoch)")
     print(f"throughput: {args.n * args.epochs / seconds:,.0f} training samples/s")

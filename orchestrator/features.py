@@ -41,10 +41,23 @@ class FeatureSet:
     num_layers: tuple[int, int]  # (image, text)
     computed: int = 0  # entries computed now (the rest were cache hits)
     cached: int = 0
+    # store keys of the unpaired data (``data.unpaired``) that enters R_S only:
+    # the image encoder's features of its images, the text encoder's of its captions
+    unpaired_image: str | None = None
+    unpaired_text: str | None = None
 
     def keys(self) -> list[str]:
+        """Every store key a trial reads. Unpaired keys only when set: a sweep
+        without unpaired data keeps its trial fingerprints (they hash these keys)."""
         splits = [self.train, self.val, *self.zero_shot.values(), *self.retrieval.values()]
-        return sorted({k for s in splits for k in (s.image, s.text)})
+        keys = {k for s in splits for k in (s.image, s.text)}
+        keys |= {k for k in (self.unpaired_image, self.unpaired_text) if k is not None}
+        return sorted(keys)
+
+    def image_keys(self) -> set[str]:
+        """The keys of image-encoder features (the rest are the text encoder's)."""
+        splits = (self.train, self.val, *self.zero_shot.values(), *self.retrieval.values())
+        return {s.image for s in splits} | ({self.unpaired_image} if self.unpaired_image else set())
 
 
 @dataclass
@@ -56,7 +69,8 @@ class PairFeatures:
     cached: int = 0
 
 
-_TEXT_FIELD = {"train": "texts", "val": "texts", "retrieval": "texts", "zero_shot": "prompts"}
+_TEXT_FIELD = {"train": "texts", "val": "texts", "retrieval": "texts", "zero_shot": "prompts",
+               "unpaired": "texts"}
 
 
 def _jobs(spec) -> list[tuple[str, object]]:
@@ -65,6 +79,13 @@ def _jobs(spec) -> list[tuple[str, object]]:
                                              ("zero_shot", spec.data.zero_shot),
                                              ("retrieval", spec.data.retrieval))
             for ref in refs]
+
+
+def _unpaired_jobs(spec, role: str) -> list[tuple[str, object]]:
+    """The unpaired split of ``role`` (``data.unpaired.<role>``), for that role's encoder only."""
+    unpaired = getattr(spec.data, "unpaired", None)
+    ref = None if unpaired is None else getattr(unpaired, role)
+    return [] if ref is None else [("unpaired", ref)]
 
 
 def extract_features(spec, cache_root: str, log=print) -> FeatureSet:
@@ -89,11 +110,13 @@ def extract_pairs(spec, pairs: list, cache_root: str, log=print) -> PairFeatures
     jobs, runs, computed, cached = _jobs(spec), {}, 0, 0
     needed = sorted({("image", p.image) for p in pairs} | {("text", p.text) for p in pairs})
     for role, index in needed:
-        tasks = [(asdict(ref), [_field(role, group)]) for group, ref in jobs]
+        role_jobs = jobs + _unpaired_jobs(spec, role)  # unpaired data: the encoder of its side only
+        tasks = [(asdict(ref), [_field(role, group)]) for group, ref in role_jobs]
         encoder = spec.encoders.candidates(role)[index]
         runs[(role, index)] = run_encoder(spec.encoders.path(role, index), encoder, cache_root, tasks, log)
-        fresh = _log_fields("" if spec.encoders.single else encoder.title, role, jobs, runs[(role, index)][0], log)
-        computed, cached = computed + fresh, cached + len(jobs) - fresh
+        fresh = _log_fields("" if spec.encoders.single else encoder.title, role, role_jobs,
+                            runs[(role, index)][0], log)
+        computed, cached = computed + fresh, cached + len(role_jobs) - fresh
     sets = {pair: _pair_set(jobs, runs[("image", pair.image)], runs[("text", pair.text)]) for pair in pairs}
     return PairFeatures(sets, computed, cached)
 
@@ -115,8 +138,11 @@ def _log_fields(name: str, role: str, jobs: list, outputs: list, log) -> int:
 
 
 def _pair_set(jobs: list, image_run: tuple, text_run: tuple) -> FeatureSet:
-    """One pair's FeatureSet from its image encoder's and its text encoder's outputs."""
+    """One pair's FeatureSet from its image encoder's and its text encoder's outputs
+    (each run's outputs: ``jobs`` in order, then its side's unpaired split if any)."""
     splits: dict = {"zero_shot": {}, "retrieval": {}}
+    unpaired = {role: run[0][len(jobs)]["keys"][_field(role, "unpaired")] if len(run[0]) > len(jobs) else None
+                for role, run in (("image", image_run), ("text", text_run))}
     for (group, ref), image, text in zip(jobs, image_run[0], text_run[0]):
         item = SplitFeatures(image=image["keys"]["images"], text=text["keys"][_TEXT_FIELD[group]],
                              text_to_image=text["text_to_image"], labels=image["labels"],
@@ -126,7 +152,8 @@ def _pair_set(jobs: list, image_run: tuple, text_run: tuple) -> FeatureSet:
         else:
             splits[group][ref.name] = item
     return FeatureSet(train=splits["train"], val=splits["val"], zero_shot=splits["zero_shot"],
-                      retrieval=splits["retrieval"], num_layers=(image_run[1], text_run[1]))
+                      retrieval=splits["retrieval"], num_layers=(image_run[1], text_run[1]),
+                      unpaired_image=unpaired["image"], unpaired_text=unpaired["text"])
 
 
 def run_encoder(role: str, encoder_spec, cache_root: str, tasks: list, log) -> tuple[list, int]:
@@ -215,7 +242,10 @@ def trial_data(features: FeatureSet, fetch: Fetch, image_layer: int, text_layer:
     retrieval = {name: RetrievalSet(image=fetch(s.image, image_layer),
                                     text=fetch(s.text, text_layer), text_to_image=s.text_to_image)
                  for name, s in features.retrieval.items()}
-    return TrialData(train_image, train_text, val_image, val_text, zero_shot, retrieval)
+    extra_image = None if features.unpaired_image is None else fetch(features.unpaired_image, image_layer)
+    extra_text = None if features.unpaired_text is None else fetch(features.unpaired_text, text_layer)
+    return TrialData(train_image, train_text, val_image, val_text, zero_shot, retrieval,
+                     extra_image=extra_image, extra_text=extra_text)
 
 
 def _prompt_grid(flat: np.ndarray, n_prompts: list[int]) -> np.ndarray:

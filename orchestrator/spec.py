@@ -23,6 +23,7 @@ from typing import Any, Literal, Optional, Union
 import yaml
 
 from orchestrator.config import SpecError, _convert, check_device, check_finite, check_min, from_dict
+from orchestrator.data_spec import DataSpec, DatasetRef, UnpairedSpec  # noqa: F401 -- re-exported
 from orchestrator.durable import atomic_write_bytes
 from orchestrator.encoders import DTYPES as ENCODER_DTYPES
 from orchestrator.env_vars import substitute_env, unresolved_variables
@@ -119,46 +120,6 @@ class EncodersSpec:
     def single(self) -> bool:
         """One image and one text encoder: one encoder pair."""
         return all(len(self.candidates(role)) == 1 for role in ROLES)
-
-
-@dataclass
-class DatasetRef:
-    """A split of a registered dataset; ``options`` go to the dataset (paths...)."""
-
-    dataset: str
-    split: str = "train"
-    name: Optional[str] = None  # label in results; defaults to the dataset name
-    options: dict = field(default_factory=dict)
-
-    def __post_init__(self):
-        from orchestrator.datasets import dataset_names
-
-        if self.dataset not in dataset_names():
-            raise SpecError(f"unknown dataset {self.dataset!r}{did_you_mean(self.dataset, dataset_names())}; "
-                            f"registered: {', '.join(dataset_names())}", path="dataset")
-        self.name = self.name or self.dataset
-
-
-@dataclass
-class DataSpec:
-    """Paired train/val data and the evaluation sets."""
-
-    train: DatasetRef
-    val: DatasetRef
-    zero_shot: list[DatasetRef] = field(default_factory=list)
-    retrieval: list[DatasetRef] = field(default_factory=list)
-
-    def __post_init__(self):
-        # results and metric names are keyed by set name: two sets of one kind
-        # with the same name would overwrite each other's metrics
-        for kind in ("zero_shot", "retrieval"):
-            seen = set()
-            for i, ref in enumerate(getattr(self, kind)):
-                if ref.name in seen:
-                    raise SpecError(f"evaluation set name {ref.name!r} is used twice; set a distinct "
-                                    f"`name:` on each {kind} entry (e.g. name: {ref.name}-{ref.split})",
-                                    path=f"{kind}[{i}].name")
-                seen.add(ref.name)
 
 
 @dataclass

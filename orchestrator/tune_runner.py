@@ -262,16 +262,10 @@ def _grid_search(n: int):
 
 # --- features in the object store -----------------------------------------------------------
 
-def _image_keys(features: FeatureSet) -> set[str]:
-    splits = (features.train, features.val, *features.zero_shot.values(),
-              *features.retrieval.values())
-    return {s.image for s in splits}
-
-
 def _layers_by_key(features: FeatureSet, pairs: list[tuple[int, int]]) -> dict[str, set[int]]:
     """The layers of each feature entry that trials on ``pairs`` read."""
     image_layers, text_layers = {p[0] for p in pairs}, {p[1] for p in pairs}
-    image_keys = _image_keys(features)
+    image_keys = features.image_keys()  # unpaired keys only when the spec has them
     return {key: image_layers if key in image_keys else text_layers for key in features.keys()}
 
 

@@ -132,6 +132,11 @@ def _data_refs(spec: SweepSpec) -> Iterator[tuple[str, DatasetRef]]:
     for kind in ("zero_shot", "retrieval"):
         for i, ref in enumerate(getattr(spec.data, kind)):
             yield f"data.{kind}[{i}]", ref
+    if spec.data.unpaired is not None:
+        for role in ("image", "text"):
+            ref = getattr(spec.data.unpaired, role)
+            if ref is not None:
+                yield f"data.unpaired.{role}", ref
     if spec.encoder_selection is not None:
         yield "encoder_selection.probe", spec.encoder_selection.probe
 

@@ -194,6 +194,7 @@ class AlignmentLoss(torch.nn.Module):
         self.lambda_base = float(options.structure_lambda)
         self.paper_sum = options.paper_sum
         self.use_only_unimodal = options.structure_use_only_unimodal
+        self.options = options  # the resolved options, so a fused twin can be built from them
         self.structure_options = dict(
             levels=options.structure_levels, temperature=options.temperature,
             weighting=options.structure_weighting, margin=options.structure_margin,
@@ -219,6 +220,14 @@ class AlignmentLoss(torch.nn.Module):
     def set_extra_state(self, state: dict) -> None:
         self.steps = int(state["steps"])
 
+    def clip_term(self, image_aligned: torch.Tensor, text_aligned: torch.Tensor) -> torch.Tensor:
+        """The CLIP term on the (normalised) embeddings; ``trials.fast_loop`` overrides it."""
+        return clip_loss(image_aligned, text_aligned, self.temperature)
+
+    def structure_term(self, original: torch.Tensor, aligned: torch.Tensor) -> torch.Tensor:
+        """R_S of one modality; ``trials.fast_loop`` overrides it with the fused version."""
+        return structure_regularizer(original, aligned, **self.structure_options)
+
     def _regularizer_inputs(self, original, aligned, extra: Extra):
         """Add extra unimodal (original, aligned) rows for R_S only (§3 'Which original embeddings')."""
         if extra is None:
@@ -243,13 +252,11 @@ class AlignmentLoss(torch.nn.Module):
         ``structure_loss_wo_lambda`` (the combined R_S) and ``structure_loss`` (λ times it)."""
         if self.normalize_latents:
             image_aligned, text_aligned = safe_normalize(image_aligned), safe_normalize(text_aligned)
-        out = {"clip_loss": clip_loss(image_aligned, text_aligned, self.temperature)}
+        out = {"clip_loss": self.clip_term(image_aligned, text_aligned)}
         lam = self.structure_lambda
         if lam > 0:  # exactly 0 skips R_S entirely, as in the code
-            r_img = structure_regularizer(*self._regularizer_inputs(image_original, image_aligned, extra_image),
-                                          **self.structure_options)
-            r_txt = structure_regularizer(*self._regularizer_inputs(text_original, text_aligned, extra_text),
-                                          **self.structure_options)
+            r_img = self.structure_term(*self._regularizer_inputs(image_original, image_aligned, extra_image))
+            r_txt = self.structure_term(*self._regularizer_inputs(text_original, text_aligned, extra_text))
             structure = r_img + r_txt if self.paper_sum else (r_img + r_txt) / 2
             out["structure_loss_wo_lambda"] = structure
             out["structure_loss"] = lam * structure

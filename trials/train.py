@@ -23,10 +23,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from trials import fast_loop
+from trials._checks import check_choice
 from trials.train_options import TrainConfig
 
 LR_FINDER_START = 1e-7  # §5.2
 LR_FINDER_SUBSET = 5000  # §5.2: the finder sees at most this many rows
+IMPLS = ("auto", "fast", "reference")  # train_alignment's paths: see its docstring
 
 
 @dataclass
@@ -48,26 +51,41 @@ def train_alignment(image_head: nn.Module, text_head: nn.Module, loss_fn: nn.Mod
                     val_image: torch.Tensor, val_text: torch.Tensor, config: TrainConfig, *,
                     extra_image: Optional[torch.Tensor] = None,
                     extra_text: Optional[torch.Tensor] = None,
-                    on_epoch: Optional[Callable[[int, dict], Optional[bool]]] = None) -> TrainResult:
+                    on_epoch: Optional[Callable[[int, dict], Optional[bool]]] = None,
+                    impl: str = "auto") -> TrainResult:
     """Train both heads in place with AdamW on ``loss_fn`` (§5.3); restore the best-val weights.
 
     ``loss_fn`` is a fresh ``trials.losses.AlignmentLoss`` (its λ warm-up is
     stepped here, once per batch). ``extra_*`` are unpaired features added to
     the R_S term only. ``on_epoch(epoch, metrics)`` gets the epoch's history
     row; returning True stops training (``stopped="callback"``).
+
+    ``impl`` picks how the loss is computed, never what: "reference" runs
+    ``loss_fn`` itself (autograd over the formulas of ``trials.losses``);
+    "fast" runs its fused twin (``trials.fast_loop``: analytic gradients,
+    reused buffers, the frozen half of R_S cached for validation), equal to
+    the reference up to float rounding; "auto" (default) is "fast" where the
+    fused terms cover the options (cosine distance, official divergence) and
+    "reference" elsewhere. Both run this same loop on the same batches.
     """
+    check_choice("impl", impl, IMPLS)
     device = torch.device(config.device)
     heads = (image_head.to(device), text_head.to(device))
     data = [_on(t, device) for t in (train_image, train_text, val_image, val_text)]
     extras = (_on(extra_image, device), _on(extra_text, device))
     gen = torch.Generator(device=device).manual_seed(config.seed)
     only_unimodal = getattr(loss_fn, "use_only_unimodal", False)
+    fused = fast_loop.fused_twin(loss_fn, impl)
+    if fused is not None:
+        fast_loop.cache_validation(fused, data[2], data[3], config.batch_size)
     with torch.random.fork_rng(devices=_rng_devices(device)):
         torch.manual_seed(config.seed)  # dropout
         try:
-            return _fit(heads, loss_fn, data, extras, config, gen, on_epoch)
+            return _fit(heads, fused or loss_fn, data, extras, config, gen, on_epoch)
         finally:
             loss_fn.use_only_unimodal = only_unimodal  # fixed_structure flips it
+            if fused is not None:
+                loss_fn.steps = fused.steps  # the λ schedule advanced on the twin
 
 
 def _fit(heads, loss_fn, data, extras, config, gen, on_epoch) -> TrainResult:

@@ -47,7 +47,9 @@ class RetrievalSet:
 
 @dataclass
 class TrialData:
-    """Features of the trial's two layers: paired train/val rows and eval sets."""
+    """Features of the trial's two layers: paired train/val rows, eval sets and,
+    optionally, unpaired image/text rows that enter the R_S term only (all of them,
+    not subsampled with ``n_train``; a closed-form head has no R_S and ignores them)."""
 
     train_image: np.ndarray
     train_text: np.ndarray
@@ -55,6 +57,8 @@ class TrialData:
     val_text: np.ndarray
     zero_shot: dict[str, ZeroShotSet] = field(default_factory=dict)
     retrieval: dict[str, RetrievalSet] = field(default_factory=dict)
+    extra_image: Optional[np.ndarray] = None
+    extra_text: Optional[np.ndarray] = None
 
 
 def subsample(n_total: int, n_train: Optional[int], seed: int) -> torch.Tensor:
@@ -65,8 +69,14 @@ def subsample(n_total: int, n_train: Optional[int], seed: int) -> torch.Tensor:
 
 
 def run_trial(data: TrialData, config: TrialConfig, *, device: str = "cpu",
-              on_epoch: Callable[[int, dict], Optional[bool]] | None = None) -> dict:
+              on_epoch: Callable[[int, dict], Optional[bool]] | None = None,
+              impl: str = "auto") -> dict:
     """Train one pair of heads and evaluate them; returns flat metrics.
+
+    ``impl`` is how the training loop computes its loss, never what (see
+    :func:`trials.train.train_alignment`): "auto" runs the fused fast path
+    where it covers the config, "reference" the autograd reference path. It
+    is not part of the config: both give the same numbers up to rounding.
 
     Metric names: ``zs/<set>/<top1|top1_macro|f1_macro|top5|top5_macro>`` (top-5 with
     >= 5 classes; see ``trials.evaluate.zero_shot_metrics``),
@@ -86,14 +96,14 @@ def run_trial(data: TrialData, config: TrialConfig, *, device: str = "cpu",
         image_map, text_map, class_vectors, summary = _fit_closed_form(train_image, train_text, config)
     else:
         image_map, text_map, class_vectors, summary = _train_heads(train_image, train_text, data,
-                                                                   config, to, on_epoch)
+                                                                   config, to, on_epoch, impl)
     with torch.no_grad():
         metrics = _evaluate(data, image_map, text_map, class_vectors, to)
     return {**summary, **metrics, "n_train_used": len(index),
             "train_seconds": time.perf_counter() - start}
 
 
-def _train_heads(train_image, train_text, data, config, to, on_epoch):
+def _train_heads(train_image, train_text, data, config, to, on_epoch, impl):
     device = train_image.device
     image_head = build_head(config.head, train_image.shape[1], config.out_dim,
                             **config.head_options).to(device)
@@ -106,8 +116,11 @@ def _train_heads(train_image, train_text, data, config, to, on_epoch):
     val_image, val_text = to(data.val_image), to(data.val_text)
     recorder = EpochRecorder((image_head, text_head), val_image, val_text, train_config.batch_size,
                              clip_only, record_stride(train_config.epochs), forward=on_epoch)
+    extra = {name: None if value is None else to(value)
+             for name, value in (("extra_image", data.extra_image), ("extra_text", data.extra_text))}
     result = train_alignment(image_head, text_head, loss_fn, train_image, train_text,
-                             val_image, val_text, train_config, on_epoch=recorder)
+                             val_image, val_text, train_config, on_epoch=recorder, impl=impl,
+                             **extra)
     if not math.isfinite(result.best_val_loss):
         raise FloatingPointError(
             f"training diverged: the validation loss was never finite in {len(result.history)} "

@@ -292,3 +292,26 @@ def test_unknown_head_option_is_a_spec_error(tmp_path):
     spec_file = write_spec(tmp_path, lambda d: d["search"][1].update(head_options={"rnk": 4}))
     with pytest.raises(SpecError, match=r"search\[1\].*rnk"):
         load_spec(spec_file)
+
+
+def test_unpaired_data_is_a_pair_of_optional_dataset_refs(tmp_path):
+    def add(unpaired):
+        return lambda d: d["data"].update(unpaired=unpaired)
+
+    ref = {"dataset": "synthetic", "split": "test", "options": {"size": 50}}
+    spec = load_spec(write_spec(tmp_path, add({"image": ref, "text": {**ref, "split": "val"}})))
+    assert spec.data.unpaired.image.dataset == "synthetic" and spec.data.unpaired.text.split == "val"
+    assert spec.data.unpaired.image.name == "synthetic"  # a dataset ref like the others
+    only_text = load_spec(write_spec(tmp_path, add({"text": ref}))).data.unpaired
+    assert only_text.image is None and only_text.text.options == {"size": 50}
+    assert load_spec(write_spec(tmp_path, lambda d: None)).data.unpaired is None
+
+    for unpaired, path, words in [
+            ({"image": {**ref, "dataset": "synthetc"}}, "data.unpaired.image.dataset", "did you mean"),
+            ({"images": ref}, "data.unpaired.images", "allowed keys: image, text"),
+            ({}, "data.unpaired", "neither `image` nor `text`"),
+            ({"text": "synthetic"}, "data.unpaired.text", "expected"),
+            ([ref], "data.unpaired", "expected")]:
+        with pytest.raises(SpecError) as err:
+            load_spec(write_spec(tmp_path, add(unpaired)))
+        assert err.value.path == path and words in str(err.value), (unpaired, str(err.value))

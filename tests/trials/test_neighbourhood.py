@@ -34,7 +34,7 @@ def _fixed_model_train():
     """A stand-in trainer that never updates the heads: one epoch, validated with the
     trial's own loss (CLIP + λ·R_S), reported through on_epoch."""
     def train(image_head, text_head, loss_fn, train_image, train_text, val_image, val_text,
-              config, on_epoch=None):
+              config, on_epoch=None, **_):  # impl, extras: the same for this stand-in
         total, bs = 0.0, config.batch_size
         with torch.no_grad():  # the trainer's validation: in-order batches, sample-weighted
             for s in range(0, len(val_image), bs):

@@ -110,3 +110,42 @@ def test_read_only_inputs_as_from_rays_object_store(recwarn):
         array.setflags(write=False)
     run_trial(data, TrialConfig(**{**CONFIG, "epochs": 2}))
     assert not [w for w in recwarn if "not writable" in str(w.message)]
+
+
+def _with_extras(data: TrialData, seed=5) -> TrialData:
+    """Unpaired rows of each side (other draws than the pairs): R_S data only."""
+    other = make_data(seed=seed)
+    data.extra_image, data.extra_text = other.train_image[:150], other.train_text[150:]
+    return data
+
+
+def test_unpaired_extras_enter_training_as_train_alignment_gets_them():
+    from trials.heads import build_head
+    from trials.losses import AlignmentLoss
+    from trials.train import train_alignment
+
+    config = TrialConfig(**CONFIG, n_train=200, seed=1)
+    without = run_trial(make_data(), config)
+    data = _with_extras(make_data())
+    with_extras = run_trial(data, config)
+    assert with_extras["best_val_loss"] != without["best_val_loss"]  # λ = 1: R_S sees the extras
+
+    # the same as train_alignment called directly with the trial's rows, heads and extras
+    to = lambda a: torch.tensor(np.asarray(a, dtype=np.float32))  # noqa: E731
+    rows = subsample(len(data.train_image), config.n_train, config.seed).numpy()
+    torch.manual_seed(config.seed)
+    heads = [build_head(config.head, x.shape[1], config.out_dim, **config.head_options)
+             for x in (data.train_image, data.train_text)]
+    result = train_alignment(*heads, AlignmentLoss(config.loss_options()), to(data.train_image[rows]),
+                             to(data.train_text[rows]), to(data.val_image), to(data.val_text),
+                             config.train_config("cpu"), extra_image=to(data.extra_image),
+                             extra_text=to(data.extra_text))
+    assert result.best_val_loss == with_extras["best_val_loss"]
+    assert len(result.history) == with_extras["epochs_run"]
+
+
+def test_unpaired_images_alone_enter_training():
+    config = TrialConfig(**CONFIG, n_train=200)
+    data = _with_extras(make_data())
+    data.extra_text = None  # only unpaired images
+    assert run_trial(data, config)["best_val_loss"] != run_trial(make_data(), config)["best_val_loss"]
