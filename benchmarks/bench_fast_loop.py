@@ -211,24 +211,16 @@ def matmul_peak(device, size, repeats=3) -> float:
 
 def fast_matmul_flops(args) -> float:
     """Matmul FLOPs of one epoch of the fast path as it runs (steady state: validation's frozen half cached)."""
-    from trials.fused_loss import GRAM_TILE
-
-    def gram(b, d):  # x xᵀ: the tiles on and above the diagonal on CPU
-        if args.device != "cpu" or b < 2 * GRAM_TILE:
-            return 2 * b * b * d
-        tiles = [min(GRAM_TILE, b - s) for s in range(0, b, GRAM_TILE)]
-        return sum(2 * ti * tj * d for i, ti in enumerate(tiles) for tj in tiles[i:])
-
     d_in, d, extra_levels = args.in_dim, args.out_dim, args.levels - 1
     total = 0.0
     for b in _batch_sizes(args.n, args.batch_size):  # training steps
         heads = 2 * 2 * (2 * b * d_in * d)  # forward + weight gradient, two heads
         clip = 3 * 2 * b * b * d  # logits, two gradients
-        frozen = gram(b, d_in) + extra_levels * 2 * b**3
-        aligned = gram(b, d) + 2 * b * b * d + extra_levels * 3 * 2 * b**3  # Gram, (G+Gᵀ)x, powers fwd+bwd
+        frozen = 2 * b * b * d_in + extra_levels * 2 * b**3
+        aligned = 2 * (2 * b * b * d) + extra_levels * 3 * 2 * b**3  # x xᵀ, (G+Gᵀ)x, powers fwd+bwd
         total += heads + clip + 2 * (frozen + aligned)
     for b in _batch_sizes(args.n, args.batch_size):  # validation, same size as training here
-        total += 2 * (2 * b * d_in * d) + 2 * b * b * d + 2 * (gram(b, d) + extra_levels * 2 * b**3)
+        total += 2 * (2 * b * d_in * d) + 2 * b * b * d + 2 * (2 * b * b * d + extra_levels * 2 * b**3)
     return total
 
 
@@ -353,7 +345,7 @@ def profile_fast(args, feats) -> None:
         run_path("fast", feats, args, 2)
     events = prof.key_averages()
     total = sum(e.self_cpu_time_total for e in events)
-    matmul = sum(e.self_cpu_time_total for e in events if e.key in ("aten::mm", "aten::addmm", "aten::bmm"))
+    matmul = sum(e.self_cpu_time_total for e in events if e.key in ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm"))
     print(events.table(sort_by="self_cpu_time_total", row_limit=20))
     print(f"profile: matmuls take {matmul / total:.0%} of the fast path's op time "
           f"({matmul / 1e6:.2f} of {total / 1e6:.2f} s over 2 epochs, the first with setup)")

@@ -111,13 +111,11 @@ def test_the_fused_terms_refuse_other_distances():
         fused_structure_regularizer(x, a, distance="rbf", **_options())
 
 
-@pytest.mark.parametrize("n", [5, 300, 2048, 2500])
-def test_tiled_products_are_exact(n):
-    g = torch.Generator().manual_seed(n)
-    x, m = torch.randn(n, 16, generator=g), torch.randn(n, n, generator=g)
-    torch.testing.assert_close(fused_loss._gram(x, torch.empty(n, n)), x @ x.T, rtol=1e-6, atol=1e-5)
+@pytest.mark.parametrize("n", [5, 300, 2500])
+def test_symmetrize_is_exact(n):
+    m = torch.randn(n, n, generator=torch.Generator().manual_seed(n))
     expected = m + m.T
-    assert torch.equal(fused_loss._symmetrize_(m), expected)
+    assert torch.equal(fused_loss._symmetrize_(m, torch.empty(n, n)), expected)
 
 
 # ------------------------------------------------------------------ the fused twin of AlignmentLoss
