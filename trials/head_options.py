@@ -4,8 +4,10 @@ Plain Python, no torch: a spec's ``head``/``head_options`` validate, and a
 trial's fingerprint knows whether its head is fitted in closed form, without
 loading torch. :data:`HEAD_OPTIONS` is keyed by head name; each entry is the
 head's options dataclass, registered with ``closed_form=True`` when the head
-is fitted in closed form rather than trained. The code of each head is
-registered under the same name in :data:`trials.heads.HEADS`.
+is fitted in closed form rather than trained, and with ``tokens=True`` when
+the head reads token features (every patch / word of one layer) rather than
+pooled ones (:func:`needs_tokens`). The code of each head is registered under
+the same name in :data:`trials.heads.HEADS`.
 """
 
 from __future__ import annotations
@@ -13,11 +15,12 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Optional
 
-from trials._checks import check_choice, check_int
+from trials._checks import check_choice, check_int, check_number
 from trials.registry import Registry
 
 HEAD_OPTIONS: Registry[type] = Registry("head")
 MLP_ACTIVATIONS = ("relu", "gelu")
+TOKEN_SCHEDULES = ("freeze_align", "none")
 
 
 @HEAD_OPTIONS.register("linear", closed_form=False)
@@ -73,6 +76,38 @@ class CSAOptions:
     whiten: bool = False
 
 
+@HEAD_OPTIONS.register("token_projector", closed_form=False, tokens=True)
+@dataclass(frozen=True)
+class TokenProjectorOptions:
+    """``token_projector``: freeze-align's lightweight projector on token features (§4.5).
+
+    Trained by :func:`trials.token_trial.run_token_trial`, not by the pooled
+    loop; these options hold the parts of freeze-align's recipe that
+    ``TrialConfig`` has no field for (its ``temperature`` is the initial
+    temperature, 0.07 in the ``freeze_align`` preset). Defaults are faithful:
+
+    * ``dropout_p``: the Dropout after each projector's LayerNorm (and in the text MLP);
+    * ``learn_temperature``: the CLIP temperature is a parameter, clamped to
+      [0.001, 0.5] before each forward; False keeps it fixed at ``temperature``;
+    * ``mixed_precision``: the heads run under bf16 autocast on CUDA (the
+      official code uses fp16 with a GradScaler; bf16 needs no scaler); no
+      effect on CPU;
+    * ``schedule``: "freeze_align" is the official ALBEF-style LR schedule read
+      literally (METHOD.md §4.5: warm-up over epoch 0's first 1000 steps, then
+      the cosine at ``epoch + 10`` of 15, so the LR reaches 1e-5 by epoch 5);
+      "none" keeps ``lr`` constant (ours).
+    """
+
+    dropout_p: float = 0.1
+    learn_temperature: bool = True
+    mixed_precision: bool = True
+    schedule: str = "freeze_align"
+
+    def __post_init__(self):
+        check_number("dropout_p", self.dropout_p, 0)
+        check_choice("schedule", self.schedule, TOKEN_SCHEDULES)
+
+
 def parse_head_options(name: str, options: dict):
     """``options`` as head ``name``'s options dataclass, defaults filled in.
 
@@ -95,3 +130,8 @@ def check_head_options(name: str, options: dict) -> None:
 def is_closed_form(name: str) -> bool:
     """Whether head ``name`` is fitted in closed form (False for a name no one registered)."""
     return name in HEAD_OPTIONS.names(closed_form=True)
+
+
+def needs_tokens(name: str) -> bool:
+    """Whether head ``name`` reads token features (False for a name no one registered)."""
+    return name in HEAD_OPTIONS.names(tokens=True)

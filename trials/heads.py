@@ -14,6 +14,10 @@ for a head fitted in closed form, its fitting function
   official (unused) ``MLPAlignmentLayer`` (§4.2).
 - ``csa``: the CSA map ``x -> (x - mean) W`` (§4.4), fitted by
   :func:`trials.csa.fit_csa`; ``build_head`` refuses it.
+- ``token_projector``: freeze-align's projector on token features (§4.5),
+  registered by its pair module :class:`trials.token_projector.TokenProjector`
+  ``(image_dim, text_dim, out_dim, dropout_p)``; built by
+  :func:`trials.token_trial.build_token_projector`, ``build_head`` refuses it.
 """
 
 from __future__ import annotations
@@ -26,11 +30,13 @@ import torch
 from torch import nn
 
 from trials import csa
-from trials.head_options import HEAD_OPTIONS, is_closed_form, parse_head_options
+from trials.head_options import HEAD_OPTIONS, is_closed_form, needs_tokens, parse_head_options
 from trials.registry import Registry
+from trials.token_projector import TokenProjector
 
 HEADS = Registry("head")
 HEADS.register("csa", csa.fit_csa)  # closed form: registered by its fitting function
+HEADS.register("token_projector", TokenProjector)  # reads tokens: both modalities in one module
 
 
 def list_heads(*, trainable_only: bool = False) -> list[str]:
@@ -52,6 +58,9 @@ def build_head(name: str, in_dim: int, out_dim: int, *, seed: int | None = None,
         fit = HEADS.get(name)
         raise ValueError(f"head {name!r} is fitted in closed form, not built: "
                          f"use {fit.__module__}.{fit.__qualname__}")
+    if needs_tokens(name):
+        raise ValueError(f"head {name!r} reads token features, not one pooled vector: "
+                         "build it with trials.token_trial.build_token_projector")
     with _seeded(seed):
         return HEADS.get(name)(in_dim, out_dim, **resolved)
 

@@ -90,3 +90,29 @@ class RaggedTokens:
         rows = np.asarray(rows, np.int64)
         pieces = [self.local[self.offsets[r]: self.offsets[r + 1]] for r in rows]
         return pad_batch(pieces, self.prefix[rows])
+
+
+@dataclass
+class TokenPairs:
+    """Paired token features: caption row ``c`` of ``text`` pairs with image row
+    ``text_to_image[c]`` of ``image`` (an image may have several captions)."""
+
+    image: TokenSource
+    text: TokenSource
+    text_to_image: np.ndarray
+
+    def __post_init__(self):
+        self.text_to_image = np.asarray(self.text_to_image, np.int64)
+        if self.text_to_image.shape != (len(self.text),):
+            raise ValueError(f"text_to_image must hold one image row per caption ({len(self.text)}), "
+                             f"got shape {self.text_to_image.shape}")
+        if len(self.text_to_image) and not 0 <= self.text_to_image.min() <= self.text_to_image.max() < len(self.image):
+            raise ValueError(f"text_to_image must name image rows in [0, {len(self.image)})")
+
+    def __len__(self) -> int:
+        return len(self.text)
+
+    def gather(self, rows: np.ndarray) -> tuple[TokenBatch, TokenBatch]:
+        """(image batch, text batch) of the pairs ``rows`` (caption rows), in that order."""
+        rows = np.asarray(rows, np.int64)
+        return self.image.gather(self.text_to_image[rows]), self.text.gather(rows)

@@ -13,14 +13,16 @@ import pytest
 import torch
 
 from trials.config import TrialConfig
-from trials.head_options import HEAD_OPTIONS, check_head_options, is_closed_form
+from trials.head_options import HEAD_OPTIONS, check_head_options, is_closed_form, needs_tokens
 from trials.heads import HEADS, build_head, list_heads
 from trials.losses import AlignmentLoss
 from trials.presets import get_preset, list_presets
 from trials.selection import parse_rule
 from trials.similarity import METRICS, layer_similarity
+from trials.token_trial import build_token_projector
 
-TRAINABLE = HEAD_OPTIONS.names(closed_form=False)
+TOKEN = HEAD_OPTIONS.names(tokens=True)  # their conformance: tests/trials/test_token_projector.py
+TRAINABLE = [name for name in HEAD_OPTIONS.names(closed_form=False) if name not in TOKEN]
 CLOSED_FORM = HEAD_OPTIONS.names(closed_form=True)
 
 # ------------------------------------------------------------------ heads
@@ -28,8 +30,8 @@ CLOSED_FORM = HEAD_OPTIONS.names(closed_form=True)
 
 def test_every_head_has_options_and_code_under_one_name():
     assert HEADS.names() == HEAD_OPTIONS.names() == list_heads()
-    assert list_heads(trainable_only=True) == TRAINABLE and CLOSED_FORM
-    assert sorted(TRAINABLE + CLOSED_FORM) == list_heads()
+    assert list_heads(trainable_only=True) == sorted(TRAINABLE + TOKEN) and CLOSED_FORM
+    assert sorted(TRAINABLE + CLOSED_FORM + TOKEN) == list_heads()
 
 
 @pytest.mark.parametrize("name", HEAD_OPTIONS.names())
@@ -103,6 +105,9 @@ def test_preset_makes_a_valid_trial(name):
                          out_dim=preset["out_dim"], **preset["loss"], **preset["train"])
     if is_closed_form(preset["head"]):  # fitted: no loss to set
         assert preset["loss"] == {}
+    elif needs_tokens(preset["head"]):
+        build_token_projector(config.head, 8, 6, config.out_dim, **config.head_options)
+        AlignmentLoss(config.loss_options())
     else:
         build_head(config.head, 8, config.out_dim, **config.head_options)
         AlignmentLoss(config.loss_options())
