@@ -8,8 +8,9 @@ A preset is a plain dict::
 
 ``layer_rule`` "last" trains the last-layer pair, "similar" the most similar pair
 (§6). A head fitted in closed form (``csa``) takes no loss, so its ``loss`` is
-empty. ``train`` is empty because :class:`trials.train_options.TrainConfig`'s
-defaults are the official ones (1000 epochs, batch 4096, LR finder, patience 200).
+empty. ``train`` is empty for STRUCTURE's presets because :class:`trials.train_options.TrainConfig`'s
+defaults are the official ones (1000 epochs, batch 4096, LR finder, patience 200);
+the ``freeze_align`` presets (token projector, METHOD.md §4.5) set freeze-align's.
 Values that equal an owner's default are read from that owner, never restated.
 """
 
@@ -18,7 +19,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 
-from trials.head_options import CSAOptions, ResLowRankOptions
+from trials.head_options import CSAOptions, ResLowRankOptions, TokenProjectorOptions
 from trials.loss_options import LOSS_DEFAULTS
 from trials.registry import Registry
 
@@ -37,6 +38,15 @@ _CSA_REFINE = {k: v for k, v in dataclasses.asdict(CSAOptions(refine=True)).item
 LEVELS = (2, 3, 5)  # clip_structure_{2,3,5} / csa_structure_{2,3,5}
 
 
+# freeze-align (METHOD.md §4.5, config dinov2-arl-wds-combined.yaml): the token projector,
+# temperature 0.07 (learnable), AdamW lr 1e-3 wd 0.02, 15 epochs, batch 1800 (per GPU:
+# the official run had 8), no gradient clipping, last layer; λ=0 is faithful and
+# freeze_align+rs adds STRUCTURE's R_S (λ=10, warmed up over 1000 steps) on the pooled features.
+_FREEZE_ALIGN_LOSS = dict(_NO_RS_LOSS, temperature=0.07)
+_FREEZE_ALIGN_TRAIN = {"lr": 1e-3, "weight_decay": 0.02, "epochs": 15, "batch_size": 1800, "grad_clip": 0.0}
+_TOKEN_PROJECTOR = dataclasses.asdict(TokenProjectorOptions())
+
+
 def list_presets() -> list[str]:
     """Names of all presets, sorted."""
     return PRESETS.names()
@@ -47,9 +57,9 @@ def get_preset(name: str) -> dict:
     return copy.deepcopy(PRESETS.get(name))
 
 
-def _register(name, head, layer_rule, loss, head_options=None, out_dim=512) -> None:
+def _register(name, head, layer_rule, loss, head_options=None, out_dim=512, train=None) -> None:
     PRESETS.register(name, {"head": head, "head_options": dict(head_options or {}), "out_dim": out_dim,
-                            "layer_rule": layer_rule, "loss": dict(loss), "train": {}})
+                            "layer_rule": layer_rule, "loss": dict(loss), "train": dict(train or {})})
 
 
 def _levels(loss: dict, levels: int) -> dict:
@@ -93,3 +103,6 @@ _register("default", "linear", "similar", _RS_LOSS, out_dim=256)  # configs/defa
 _register_gradient_heads()
 _register_csa()
 _register_ablations()
+_register("freeze_align", "token_projector", "last", _FREEZE_ALIGN_LOSS, _TOKEN_PROJECTOR, 1024, _FREEZE_ALIGN_TRAIN)
+_register("freeze_align+rs", "token_projector", "last", dict(_FREEZE_ALIGN_LOSS, structure_lambda=10.0),
+          _TOKEN_PROJECTOR, 1024, _FREEZE_ALIGN_TRAIN)

@@ -133,3 +133,15 @@ def test_every_set_is_read_in_batches(data, monkeypatch):
     whole = run_token_trial(data, config)
     evaluation = {k: v for k, v in whole.items() if k.startswith(("zs/", "ret/"))}
     assert {k: metrics[k] for k in evaluation} == pytest.approx(evaluation, abs=1e-6)
+
+
+def test_freeze_align_presets_are_the_official_recipe():
+    from trials.presets import get_preset
+
+    preset = get_preset("freeze_align")
+    assert preset["head"] == "token_projector" and preset["out_dim"] == 1024 and preset["layer_rule"] == "last"
+    assert preset["loss"]["temperature"] == 0.07 and preset["loss"]["structure_lambda"] == 0.0
+    assert preset["train"] == {"lr": 1e-3, "weight_decay": 0.02, "epochs": 15, "batch_size": 1800, "grad_clip": 0.0}
+    assert preset["head_options"] == {"dropout_p": 0.1, "learn_temperature": True, "mixed_precision": True,
+                                      "schedule": "freeze_align"}
+    assert get_preset("freeze_align+rs")["loss"]["structure_lambda"] == 10.0
