@@ -146,7 +146,7 @@ class TokenWriter:
     def _check_range(self, values: np.ndarray) -> None:
         if self.dtype == np.float16 and values.size:
             peak = float(np.abs(values).max())
-            if peak > np.finfo(np.float16).max:
+            if peak > float(np.finfo(np.float16).max):
                 raise ValueError(f"token values up to {peak:.4g} exceed float16's range (65504): store "
                                  f"this encoder's tokens with dtype='float32'")
 
@@ -276,6 +276,8 @@ class StreamedTokens(StoredTokens):
         return os.open(self.path / name, os.O_RDONLY), data
 
     def _read(self, file: tuple[int, int], byte_offset: int, out: np.ndarray) -> np.ndarray:
+        if not out.size:
+            return out
         view, fd = memoryview(out).cast("B"), file[0]
         done = 0
         while done < len(view):  # preadv may return fewer bytes than asked
