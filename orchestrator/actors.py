@@ -143,8 +143,9 @@ class EncoderWorker:
             return TokenWriter(self.store, key, dim=self.encoder.dim, num_prefix=self.encoder.num_prefix,
                                meta=meta, shard_bytes=self.token_shard_bytes)
 
-        return (lambda batch: self.encoder.encode_tokens(batch, layer)), open_writer, \
+        job = (lambda batch: self.encoder.encode_tokens(batch, layer)), open_writer, \
             (lambda writer, tokens: writer.write(*tokens))
+        return key, job
 
     def _ensure_key(self, key: str, inputs: Sequence, task: str, job) -> Optional[dict]:
         """Compute ``key`` unless stored (or stored meanwhile by another
