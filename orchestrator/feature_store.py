@@ -28,6 +28,9 @@ Two processes asking for the same entry at once serialise on
 :meth:`FeatureStore.lock`, an ``fcntl.flock`` on ``<root>/.locks/<key>.lock``:
 the second waits, then finds the entry and computes nothing. The kernel drops
 the lock when its holder dies, so a crashed extractor never blocks others.
+
+Token entries (:mod:`orchestrator.token_store`) live under the same root and
+use the same lock, temporary directories and :meth:`FeatureStore.publish`.
 """
 
 from __future__ import annotations
