@@ -162,4 +162,4 @@ def test_streaming_keeps_resident_memory_bounded_where_mapping_does_not(tmp_path
         del reader, got
     print(f"resident growth while reading 64 MB: streamed {growth[True] >> 20} MB, mapped {growth[False] >> 20} MB")
     assert growth[True] < 24 << 20, growth  # a few 4 MB float32 batches
-    assert growth[False] > 48 << 20, growth  # most of the 64 MB mapped in
+    assert growth[False] > 32 << 20, growth  # the touched 64 MB count (unless evicted under pressure)
