@@ -7,6 +7,10 @@ computing right now is waited for (the store's per-key lock), not computed
 again. Features of all layers come out of one forward pass per batch and are
 streamed into the store batch by batch; the next batch's images are read in a
 background thread while the current one runs through the model.
+
+A field spelled ``"<field>@tokens:<layer>"`` (``"images@tokens:11"``,
+``"texts@tokens:-1"``: negative counts from the end) asks for every token of
+that one layer instead (:mod:`orchestrator.token_store`), cached the same way.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from orchestrator.datasets import load_split
 from orchestrator.datasets.files import open_image
 from orchestrator.encoders import build_encoder
 from orchestrator.feature_store import FeatureStore, feature_key
+from orchestrator.token_store import DEFAULT_SHARD_BYTES, TokenWriter, parse_token_field, token_key
 
 LOG_EVERY_S = 30.0  # seconds between progress lines of an extraction (worker and driver)
 
@@ -59,10 +64,11 @@ class EncoderWorker:
     ``log`` (e.g. ``print``) receives a progress line every ``log_every_s``
     seconds of an extraction and one when it ends; :meth:`progress` returns
     the same numbers on demand (the Ray actor serves it concurrently).
+    Token entries are cut into shards of at most ``token_shard_bytes``.
     """
 
     def __init__(self, encoder_spec: dict, cache_root: str, *, log: Optional[Callable[[str], Any]] = None,
-                 log_every_s: float = LOG_EVERY_S):
+                 log_every_s: float = LOG_EVERY_S, token_shard_bytes: int = DEFAULT_SHARD_BYTES):
         spec = dict(encoder_spec)
         self.batch_size = spec.pop("batch_size")
         spec.pop("num_gpus", None), spec.pop("num_cpus", None)
@@ -73,6 +79,7 @@ class EncoderWorker:
         self.store = FeatureStore(cache_root)
         self.forward_batches = 0  # forward passes run by this worker
         self.log, self.log_every_s = log, log_every_s
+        self.token_shard_bytes = token_shard_bytes
         self._splits: dict[str, Any] = {}
         self._progress: dict = {"task": None, "done": 0, "total": 0, "samples_per_s": 0.0,
                                 "eta_s": None, "finished": []}
@@ -100,16 +107,47 @@ class EncoderWorker:
                "labels": None if split.labels is None else np.asarray(split.labels),
                "n_prompts": [len(p) for p in split.prompts or []]}
         for field in fields:
-            inputs = split.inputs(field)  # an unknown field fails here, before any lock
-            key = feature_key(self.identity(), split.field_fingerprint(field), field)
+            tokens = parse_token_field(field)
+            base = tokens[0] if tokens else field
+            inputs = split.inputs(base)  # an unknown field fails here, before any lock
             start = time.perf_counter()
-            timings = self._ensure_key(key, inputs, _task_name(dataset_ref, field),
-                                       {"encoder": self.identity(), "dataset": dataset_ref, "field": field})
+            if tokens:
+                key, job = self._token_job(split.field_fingerprint(base), base, tokens[1], dataset_ref, field)
+            else:
+                key = feature_key(self.identity(), split.field_fingerprint(field), field)
+                job = self._pooled_job(key, len(inputs), {"encoder": self.identity(), "dataset": dataset_ref,
+                                                          "field": field})
+            timings = self._ensure_key(key, inputs, _task_name(dataset_ref, field), job)
             out["keys"][field], out["computed"][field] = key, timings is not None
             out["seconds"][field], out["timings"][field] = time.perf_counter() - start, timings
         return out
 
-    def _ensure_key(self, key: str, inputs: Sequence, task: str, meta: dict) -> Optional[dict]:
+    def _pooled_job(self, key: str, n: int, meta: dict):
+        """(encode a batch, open the entry's writer given the first output or None)."""
+        def open_writer(features):
+            shape = (n, self.encoder.num_layers, self.encoder.dim) if features is None else \
+                (n, *features.shape[1:])
+            return self.store.writer(key, shape, meta)
+
+        return self.encoder.encode, open_writer, lambda writer, features: writer.write(features)
+
+    def _token_job(self, fingerprint: str, base: str, layer: int, dataset_ref: dict, field: str):
+        """The key and job of the tokens of ``base`` at ``layer`` (resolved: -1 and
+        the last index are one entry, keyed without the encoder's pooling)."""
+        layer = self.encoder.resolve_layer(layer)
+        identity = self.encoder.token_identity()
+        key = token_key(identity, fingerprint, base, layer)
+        meta = {"encoder": identity, "dataset": dataset_ref, "field": field, "layer": layer}
+
+        def open_writer(_):
+            return TokenWriter(self.store, key, dim=self.encoder.dim, num_prefix=self.encoder.num_prefix,
+                               meta=meta, shard_bytes=self.token_shard_bytes)
+
+        job = (lambda batch: self.encoder.encode_tokens(batch, layer)), open_writer, \
+            (lambda writer, tokens: writer.write(*tokens))
+        return key, job
+
+    def _ensure_key(self, key: str, inputs: Sequence, task: str, job) -> Optional[dict]:
         """Compute ``key`` unless stored (or stored meanwhile by another
         process); returns the timings if computed, None for a cache hit."""
         if self.store.has(key, verify=True):
@@ -119,7 +157,7 @@ class EncoderWorker:
                 return None
             if self.store.discard_partials(key) and self.log:  # an extractor killed mid-entry
                 self.log(f"  {task}: removed the partial entry of an interrupted extraction")
-            return self._extract(key, inputs, task, meta)
+            return self._extract(inputs, task, *job)
 
     def _split(self, ref: dict):
         cache_key = repr(sorted(ref.items()))
@@ -127,8 +165,10 @@ class EncoderWorker:
             self._splits[cache_key] = load_split(ref["dataset"], ref["split"], ref.get("options"))
         return self._splits[cache_key]
 
-    def _extract(self, key: str, inputs: Sequence, task: str, meta: dict) -> dict:
-        """Encode ``inputs`` batch by batch into a new store entry."""
+    def _extract(self, inputs: Sequence, task: str, encode: Callable, open_writer: Callable,
+                 write: Callable) -> dict:
+        """Encode ``inputs`` batch by batch into a new store entry: ``open_writer(first
+        output or None)`` makes its writer, ``write(writer, output)`` appends a batch."""
         n, timings, writer = len(inputs), {"load_s": 0.0, "encode_s": 0.0, "write_s": 0.0}, None
         started = last_log = time.perf_counter()
         self._progress.update(task=task, done=0, total=n, samples_per_s=0.0, eta_s=None)
@@ -136,15 +176,15 @@ class EncoderWorker:
             for first, batch, load_s in self._batches(inputs):
                 timings["load_s"] += load_s
                 tick = time.perf_counter()
-                features = self.encoder.encode(batch)
+                output = encode(batch)
                 self.forward_batches += 1
                 timings["encode_s"] += (tock := time.perf_counter()) - tick
-                writer = writer or self.store.writer(key, (n, *features.shape[1:]), meta)
-                writer.write(features)
+                writer = writer or open_writer(output)
+                write(writer, output)
                 timings["write_s"] += time.perf_counter() - tock
-                last_log = self._report(first + len(features), started, last_log)
+                last_log = self._report(min(n, first + self.batch_size), started, last_log)
             tick = time.perf_counter()
-            writer = writer or self.store.writer(key, (0, self.encoder.num_layers, self.encoder.dim), meta)
+            writer = writer or open_writer(None)
             writer.commit()
             timings["write_s"] += time.perf_counter() - tick
         except BaseException:

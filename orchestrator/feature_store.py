@@ -28,6 +28,9 @@ Two processes asking for the same entry at once serialise on
 :meth:`FeatureStore.lock`, an ``fcntl.flock`` on ``<root>/.locks/<key>.lock``:
 the second waits, then finds the entry and computes nothing. The kernel drops
 the lock when its holder dies, so a crashed extractor never blocks others.
+
+Token entries (:mod:`orchestrator.token_store`) live under the same root and
+use the same lock, temporary directories and :meth:`FeatureStore.publish`.
 """
 
 from __future__ import annotations
@@ -132,6 +135,31 @@ class FeatureStore:
         """An :class:`EntryWriter` for features of ``shape`` [N, L, D], filled batch by batch."""
         return EntryWriter(self, key, shape, meta)
 
+    def temp_dir(self, key: str) -> Path:
+        """A new temporary directory in which to build an entry of ``key``."""
+        tmp = self.root / f".tmp-{key}-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+        return tmp
+
+    def publish(self, key: str, tmp: Path, names: list[str], fields: dict) -> None:
+        """Make the files ``names`` of ``tmp`` the entry ``key``: fsync and checksum
+        them, write the manifest (``fields`` + key, checksums and sizes), rename
+        the directory into place (replacing a stale entry)."""
+        files, sizes = {}, {}
+        for name in names:
+            fsync_path(tmp / name)
+            files[name], sizes[name] = _sha256(tmp / name), (tmp / name).stat().st_size
+        manifest = {"key": key, **fields, "files": files, "sizes": sizes}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, default=str))
+        fsync_path(tmp / MANIFEST)
+        fsync_path(tmp)
+        self.discard(key)  # a corrupt old entry is replaced, never merged
+        try:
+            os.rename(tmp, self.path(key))
+        except OSError:  # another writer (without the lock) finished first: its entry is as good
+            shutil.rmtree(tmp, ignore_errors=True)
+        fsync_path(self.root)
+
     def discard_partials(self, key: str) -> int:
         """Remove what interrupted writers of ``key`` left (``.tmp-<key>-*``: a
         killed extractor never reaches its cleanup). Call it holding
@@ -170,8 +198,7 @@ class EntryWriter:
     def __init__(self, store: FeatureStore, key: str, shape: tuple[int, int, int], meta: dict | None):
         self.store, self.key, self.shape, self.meta = store, key, tuple(int(s) for s in shape), meta or {}
         n, num_layers, dim = self.shape
-        self.tmp = store.root / f".tmp-{key}-{uuid.uuid4().hex[:8]}"
-        self.tmp.mkdir()
+        self.tmp = store.temp_dir(key)
         self._arrays = [np.lib.format.open_memmap(self.tmp / layer_file(i), mode="w+", dtype=np.float32,
                                                   shape=(n, dim)) for i in range(num_layers)]
         self.rows = 0
@@ -189,24 +216,12 @@ class EntryWriter:
         """Checksum, fsync and rename into place (replacing a stale entry)."""
         if self.rows != self.shape[0]:
             raise ValueError(f"entry {self.key}: {self.rows} of {self.shape[0]} rows written")
-        files, sizes = {}, {}
-        for layer, array in enumerate(self._arrays):
+        for array in self._arrays:
             array.flush()
-            path = self.tmp / layer_file(layer)
-            fsync_path(path)
-            files[path.name], sizes[path.name] = _sha256(path), path.stat().st_size
         self._arrays = []
-        manifest = {"key": self.key, "num_layers": self.shape[1], "shape": list(self.shape),
-                    "files": files, "sizes": sizes, "meta": self.meta}
-        (self.tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, default=str))
-        fsync_path(self.tmp / MANIFEST)
-        fsync_path(self.tmp)
-        self.store.discard(self.key)  # a corrupt old entry is replaced, never merged
-        try:
-            os.rename(self.tmp, self.store.path(self.key))
-        except OSError:  # another writer (without the lock) finished first: its entry is as good
-            shutil.rmtree(self.tmp, ignore_errors=True)
-        fsync_path(self.store.root)
+        names = [layer_file(layer) for layer in range(self.shape[1])]
+        self.store.publish(self.key, self.tmp, names, {"num_layers": self.shape[1], "shape": list(self.shape),
+                                                       "meta": self.meta})
 
     def abort(self) -> None:
         self._arrays = []

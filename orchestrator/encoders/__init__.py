@@ -81,6 +81,31 @@ class Encoder(abc.ABC):
         name, weights revision or hash, pooling, dtype, preprocessing, layer
         indexing. JSON-serialisable; it becomes part of the feature cache key."""
 
+    # Prefix tokens (class, register, distillation) before the local ones; 0 for text.
+    num_prefix: int = 0
+    # What a token layer index means (part of token_identity(); change it when that changes).
+    token_layout: str = ""
+
+    def encode_tokens(self, batch: Any, layer: int) -> tuple[np.ndarray, list[np.ndarray]]:
+        """Every token of one layer (same indexing as :meth:`encode`; negative
+        counts from the end): ``(prefix [B, K, D], [local [L_i, D] per sample])``,
+        float32 numpy. Encoders without tokens raise NotImplementedError."""
+        raise NotImplementedError(f"{type(self).__name__} has no token features")
+
+    def token_identity(self) -> dict:
+        """What determines the token features: :meth:`identity` without the
+        pooling, which tokens do not depend on (encoders that pool differently
+        share their token entries)."""
+        identity = {key: value for key, value in self.identity().items() if key != "pool"}
+        return {**identity, "tokens": self.token_layout}
+
+    def resolve_layer(self, layer: int) -> int:
+        """``layer`` as an index in ``[0, num_layers)``; negative counts from the end."""
+        if not -self.num_layers <= layer < self.num_layers:
+            raise ValueError(f"layer {layer} out of range for an encoder of {self.num_layers} layers "
+                             f"(0..{self.num_layers - 1}, or -1..-{self.num_layers} from the end)")
+        return layer % self.num_layers
+
 
 def weights_digest(paths: Iterable[str | os.PathLike]) -> str:
     """sha256 over the base names and bytes of ``paths``, in name order.
@@ -135,6 +160,37 @@ class EncoderInfo:
     num_layers: int | None
     source: str
     weights: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenCount:
+    """Token features of an encoder, known without its weights: width ``dim``,
+    ``num_prefix`` prefix tokens per sample, and local tokens per sample: a
+    fixed ``local`` (images), or one length per text in ``lengths`` (texts
+    tokenised), or at most ``local`` per text (``bound``: an upper bound when
+    the tokenizer is not at hand). ``detail`` says what it depends on ("256 px")."""
+
+    dim: int
+    num_prefix: int
+    local: int = 0
+    lengths: Any = None
+    bound: bool = False
+    detail: str = ""
+
+
+def count_tokens(name: str, options: dict | None = None, texts: Any = None) -> TokenCount | str:
+    """The prefix's ``tokens(rest, options, texts)`` (registered as metadata, like
+    ``describe``): token counts of ``name`` without loading its weights; a
+    string saying why when they cannot be known before the run."""
+    prefix, rest = split_name(name)
+    _factory(prefix)
+    count = ENCODERS.meta(prefix).get("tokens")
+    if count is None:
+        return f"encoder prefix {prefix!r} has no token features"
+    if isinstance(count, str):  # "module:function", imported when first needed
+        module, _, attr = count.partition(":")
+        count = getattr(importlib.import_module(module), attr)
+    return count(rest, dict(options or {}), texts)
 
 
 def describe_encoder(name: str, *, pool: str | None = None, options: dict | None = None) -> EncoderInfo:

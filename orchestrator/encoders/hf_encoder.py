@@ -19,6 +19,14 @@ Pooling, always over the tokens the attention mask keeps:
   ``[CLS]``/``<s>`` token (not a pad) with left padding;
 * ``"last"``: the last real token, whatever the padding side.
 
+``"mean"`` of the last layer is sentence-transformers' ``Pooling(mean)``
+(before its ``Normalize`` module, which models like all-MiniLM-L6-v2 add).
+
+Tokens (:meth:`HFEncoder.encode_tokens`): every token the attention mask keeps
+(special tokens included, as the masked mean pools them), no prefix tokens;
+the same layer indices, the last layer being ``last_hidden_state`` (after any
+final norm the model has).
+
 Tokenisation: ``padding_side="left"`` (the official default) or ``"right"``,
 padding to the longest text of the batch, truncation only when
 ``max_length`` is set, pad token set to EOS when the tokenizer has none.
@@ -50,6 +58,7 @@ from orchestrator.encoders import (
     EncoderInfo,
     EncoderOptionError,
     EncoderWeightsMissing,
+    TokenCount,
     _jsonable,
     register_encoder,
     snapshot_commit,
@@ -62,6 +71,7 @@ PADDING_SIDES = ("left", "right")
 POSITIONS = ("mask", "model")
 # Part of identity(): change it whenever the meaning of a layer index changes.
 LAYER_INDEXING = "hf-hidden-states-v1: 0 = embedding output, i = output of layer i"
+TOKEN_LAYOUT = "hf-tokens-v1: hidden_states[i] rows the attention mask keeps; the last = last_hidden_state"
 # Files of a local model directory that determine its features (weights,
 # config, tokenizer); other weight formats (ONNX, TF, Rust) are never loaded.
 _HASHED_SUFFIXES = (".safetensors", ".bin", ".json", ".txt", ".model")
@@ -111,7 +121,35 @@ def describe_hf(rest: str, pool: str | None, options: dict) -> EncoderInfo:
                        f"{where}: num_hidden_layers + 1 (layer 0 = embeddings)")
 
 
-@register_encoder("hf", describe=describe_hf)
+def hf_token_count(rest: str, options: dict, texts: Sequence[str] | None = None) -> TokenCount | str:
+    """Tokens of ``hf:<rest>`` without its weights: ``hidden_size`` from the local
+    config.json, each text's length from the local tokenizer (truncated at
+    ``max_length``); with no texts or no local tokenizer, an upper bound of
+    ``max_length`` (else ``max_position_embeddings``) tokens per text."""
+    from transformers import AutoConfig
+
+    local = _local_dir(rest)
+    kwargs = {k: options[k] for k in _TOKENIZER_OPTIONS if k in options}
+    try:
+        config = AutoConfig.from_pretrained(str(local or rest), local_files_only=True, **kwargs)
+    except (OSError, ValueError):
+        return f"'hf:{rest}' is not in the local Hugging Face cache (validate never downloads)"
+    text_config, max_length = config.get_text_config(), options.get("max_length")
+    bound = max_length or int(getattr(text_config, "max_position_embeddings", 512))
+    count = TokenCount(dim=int(text_config.hidden_size), num_prefix=0, local=bound, bound=True,
+                       detail=f"at most {bound} tokens per text")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(local or rest), local_files_only=True, **kwargs)
+    except (OSError, ValueError):
+        return count
+    if texts is None:
+        return count
+    limits = dict(truncation=True, max_length=max_length) if max_length else {}
+    lengths = np.array([len(ids) for ids in tokenizer(list(texts), **limits)["input_ids"]], np.int64)
+    return TokenCount(dim=count.dim, num_prefix=0, lengths=lengths, detail="tokenizer lengths")
+
+
+@register_encoder("hf", describe=describe_hf, tokens=hf_token_count)
 def build_hf_encoder(rest: str, *, pool: str | None = None, dtype: str = "float32",
                      device: str = "cpu", padding_side: str = "left", max_length: int | None = None,
                      positions: str = "mask", **options: Any) -> "HFEncoder":
@@ -137,6 +175,7 @@ class HFEncoder(Encoder):
     """
 
     modality = "text"
+    token_layout = TOKEN_LAYOUT
 
     def __init__(self, name: str, tokenizer: Any, model: torch.nn.Module, *,
                  local: pathlib.Path | None, pool: str, padding_side: str, max_length: int | None,
@@ -169,14 +208,31 @@ class HFEncoder(Encoder):
     def encode(self, texts: str | Sequence[str]) -> np.ndarray:
         """Pooled features of every layer, float32 numpy ``[B, num_layers, dim]``."""
         tokens = self.tokenize(texts)
+        hidden = self._forward(tokens).hidden_states
         mask = tokens["attention_mask"]
-        if self._mask_positions:  # ids count from each text's first real token
-            tokens["position_ids"] = (mask.cumsum(dim=1) - 1).clamp(min=0)
-        hidden = self.model(**tokens, output_hidden_states=True).hidden_states
-        if len(hidden) != self.num_layers:
-            raise RuntimeError(f"hf:{self.name} returned {len(hidden)} hidden states, "
-                               f"expected {self.num_layers}")
         return torch.stack([pool_tokens(h, mask, self.pool) for h in hidden], dim=1).cpu().numpy()
+
+    @torch.inference_mode()
+    def encode_tokens(self, texts: str | Sequence[str], layer: int) -> tuple[np.ndarray, list[np.ndarray]]:
+        """Tokens of hidden state ``layer`` (the last: ``last_hidden_state``): an
+        empty prefix ``[B, 0, dim]`` and each text's kept tokens ``[L_i, dim]``,
+        in order (padding dropped, whatever its side). float32."""
+        layer = self.resolve_layer(layer)
+        tokens = self.tokenize(texts)
+        out = self._forward(tokens)
+        hidden = out.last_hidden_state if layer == self.num_layers - 1 else out.hidden_states[layer]
+        hidden, mask = hidden.float().cpu().numpy(), tokens["attention_mask"].bool().cpu().numpy()
+        return np.zeros((len(hidden), 0, self.dim), np.float32), [h[m] for h, m in zip(hidden, mask)]
+
+    def _forward(self, tokens: dict) -> Any:
+        """The model's output with every hidden state (position ids from the mask if needed)."""
+        if self._mask_positions:  # ids count from each text's first real token
+            tokens = {**tokens, "position_ids": (tokens["attention_mask"].cumsum(dim=1) - 1).clamp(min=0)}
+        out = self.model(**tokens, output_hidden_states=True)
+        if len(out.hidden_states) != self.num_layers:
+            raise RuntimeError(f"hf:{self.name} returned {len(out.hidden_states)} hidden states, "
+                               f"expected {self.num_layers}")
+        return out
 
     def identity(self) -> dict:
         """Model, revision or weights hash, pooling, tokenisation and dtype (JSON-safe)."""

@@ -19,11 +19,13 @@ from orchestrator.encoders import (
     EncoderInfo,
     EncoderOptionError,
     EncoderWeightsMissing,
+    TokenCount,
 )
 from orchestrator.encoders.timm_encoder import (
     POOLS,
     _architecture_beside,
     _check_token_model,
+    _data_config,
     _hub_id,
     _hub_revision,
     _local_path,
@@ -43,6 +45,38 @@ def describe_timm(rest: str, pool: str | None, options: dict) -> EncoderInfo:
     file or a cached Hub id through its ``config.json``."""
     if pool is not None and pool not in POOLS:
         raise EncoderOptionError(f"timm encoder: unknown pool {pool!r}, expected one of {list(POOLS)}", "pool")
+    found = _meta_model(rest, options)
+    if isinstance(found, EncoderInfo):
+        return found
+    model, where = found
+    try:
+        _resolve_pool(model, pool, rest)
+    except ValueError as err:  # "cls" on a model without a class token
+        raise EncoderOptionError(str(err), "pool") from None
+    return EncoderInfo(len(model.blocks), where, _weights_note(rest, options))
+
+
+def timm_token_count(rest: str, options: dict, texts=None) -> TokenCount | str:
+    """Tokens per image of ``timm:<rest>`` from its meta-device architecture: the
+    prefix tokens and the patch grid of the input size its preprocessing gives;
+    a string saying why when that cannot be known without weights."""
+    found = _meta_model(rest, options)
+    if isinstance(found, EncoderInfo):
+        return found.source
+    model, _ = found
+    height, width = _data_config(model)["input_size"][1:]
+    embed = model.patch_embed
+    if getattr(embed, "dynamic_img_size", False):
+        grid = embed.dynamic_feat_size((height, width))
+    else:
+        grid = embed.grid_size
+    return TokenCount(dim=int(model.embed_dim), num_prefix=int(model.num_prefix_tokens),
+                      local=int(grid[0] * grid[1]), detail=f"{height} px" if height == width else f"{height}x{width} px")
+
+
+def _meta_model(rest: str, options: dict):
+    """(the architecture on the meta device, where it came from), or EncoderInfo
+    saying why it cannot be built without weights."""
     found = _architecture_of(rest, options)
     if isinstance(found, EncoderInfo):
         return found
@@ -54,11 +88,7 @@ def describe_timm(rest: str, pool: str | None, options: dict) -> EncoderInfo:
         return EncoderInfo(None, f"unknown until run: timm could not build {arch!r} without weights "
                                  f"({type(err).__name__}: {err})")
     _check_token_model(model, rest)
-    try:
-        _resolve_pool(model, pool, rest)
-    except ValueError as err:  # "cls" on a model without a class token
-        raise EncoderOptionError(str(err), "pool") from None
-    return EncoderInfo(len(model.blocks), where, _weights_note(rest, options))
+    return model, where
 
 
 def _architecture_of(rest: str, options: dict) -> tuple[str, dict, str] | EncoderInfo:

@@ -26,7 +26,16 @@ second residual add), **before** the final norm, taken with
 Pooling: ``"cls"`` (default when the model has a class token) is prefix token
 0; ``"mean"`` is the mean over the patch tokens only -- prefix tokens (class,
 distillation, register tokens) are excluded, like timm's ``global_pool="avg"``
-and freeze-align's patch mean.
+and freeze-align's patch mean. ``"mean_all"`` is freeze-align's embedding
+protocol for encoder-pair selection (its ``last_hidden_state.mean(dim=1)``):
+the mean over ALL tokens, prefix included, and its last layer is taken
+**after** the final norm (``model.norm``, as ``forward_features`` returns it);
+its other layers are the same pre-norm block outputs as for ``"cls"``/``"mean"``.
+
+Tokens (:meth:`TimmEncoder.encode_tokens`) use the same layer indices, the last
+layer also after the final norm (freeze-align's projector reads
+``forward_features``): pooled ``"cls"``/``"mean"`` features of the last layer
+(pre-norm, METHOD §7) are not pooled last-layer tokens; ``"mean_all"`` is.
 """
 
 from __future__ import annotations
@@ -56,9 +65,11 @@ from orchestrator.encoders import (
     weights_digest,
 )
 
-POOLS = ("cls", "mean")
+POOLS = ("cls", "mean", "mean_all")
 # Part of identity(): change it whenever the meaning of a layer index changes.
 LAYER_INDEXING = "timm-blocks-prenorm-v1: i = output of blocks[i], final norm not applied, no embedding layer"
+TOKEN_LAYOUT = ("timm-tokens-v1: layer i = output of blocks[i]; the last layer after the final norm "
+                "(forward_features); prefix = the num_prefix_tokens first tokens, local = patch tokens")
 _WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
 # Files of a timm Hub-layout folder that determine the model.
 _FOLDER_FILES = (".safetensors", ".bin", ".pth", ".json")
@@ -78,7 +89,8 @@ class _Source:
     weights: dict = dataclasses.field(default_factory=dict)  # local weights, known before loading
 
 
-@register_encoder("timm", describe="orchestrator.encoders.timm_config:describe_timm")
+@register_encoder("timm", describe="orchestrator.encoders.timm_config:describe_timm",
+                  tokens="orchestrator.encoders.timm_config:timm_token_count")
 def build_timm_encoder(rest: str, *, pool: str | None = None, dtype: str = "float32",
                        device: str = "cpu", **options: Any) -> "TimmEncoder":
     """Factory behind ``build_encoder("timm:<rest>")``."""
@@ -100,6 +112,7 @@ class TimmEncoder(Encoder):
     """
 
     modality = "image"
+    token_layout = TOKEN_LAYOUT
 
     def __init__(self, model: torch.nn.Module, source: _Source, *, pool: str | None,
                  dtype: str, device: str):
@@ -110,6 +123,7 @@ class TimmEncoder(Encoder):
         self.device = torch.device(device)
         self.num_layers = len(model.blocks)
         self.dim = int(model.feature_info[-1]["num_chs"])
+        self.num_prefix = int(getattr(model, "num_prefix_tokens", 0))
         self.data_config = _data_config(model)
         self.transform = create_transform(**self.data_config)
         self._source = source
@@ -137,14 +151,31 @@ class TimmEncoder(Encoder):
             pixels, return_prefix_tokens=True, norm=False, output_fmt="NLC", intermediates_only=True)
         if len(blocks) != self.num_layers:  # a timm change of what "all intermediates" means
             raise RuntimeError(f"timm:{self.name} returned {len(blocks)} blocks, expected {self.num_layers}")
+        if self.pool == "mean_all":  # freeze-align's last layer: after the final norm
+            blocks[-1] = tuple(self.model.norm(part) for part in _split_block(blocks[-1]))
         return torch.stack([self._pool(block) for block in blocks], dim=1).cpu().numpy()
 
     def _pool(self, block: Any) -> torch.Tensor:
         """[B, dim] float32 from one block's (patch tokens, prefix tokens)."""
-        patches, prefix = block if isinstance(block, tuple) else (block, None)
+        patches, prefix = _split_block(block)
         if self.pool == "cls":
             return prefix[:, 0].float()
+        if self.pool == "mean_all":
+            return torch.cat([prefix, patches], dim=1).float().mean(dim=1)
         return patches.float().mean(dim=1)
+
+    @torch.inference_mode()
+    def encode_tokens(self, batch: Any, layer: int) -> tuple[np.ndarray, list[np.ndarray]]:
+        """Tokens of block ``layer`` (the last one after the final norm):
+        prefix float32 ``[B, num_prefix, dim]`` and each image's patch tokens
+        ``[P, dim]``. Blocks after ``layer`` are not run."""
+        layer = self.resolve_layer(layer)
+        pixels = self.preprocess(batch).to(self.device, torch_dtype(self.dtype))
+        (block,) = self.model.forward_intermediates(
+            pixels, indices=[layer], return_prefix_tokens=True, norm=layer == self.num_layers - 1,
+            stop_early=True, output_fmt="NLC", intermediates_only=True)
+        patches, prefix = (part.float().cpu().numpy() for part in _split_block(block))
+        return prefix, list(patches)
 
     def identity(self) -> dict:
         """Model, weights, pooling, dtype, preprocessing and layer indexing (JSON-safe)."""
@@ -346,6 +377,13 @@ def _state_digest(model: torch.nn.Module) -> str:
 
 
 # --- small helpers --------------------------------------------------------
+
+
+def _split_block(block: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """(patch tokens, prefix tokens) of one intermediate (prefix [B, 0, D] if it has none)."""
+    if isinstance(block, tuple):
+        return block
+    return block, block[:, :0]
 
 
 def _is_pixel_batch(batch: Any) -> bool:
