@@ -32,6 +32,7 @@ from orchestrator.results import ResultsStore
 from orchestrator.schema import LOCK_FILE
 from orchestrator.similarity_stage import LayerSimilarity
 from orchestrator.spec import SweepSpec, check_runnable, save_spec
+from orchestrator.token_features import extract_tokens
 from orchestrator.tune_runner import TuneRunner
 from trials.selection import select_layers
 
@@ -160,6 +161,9 @@ def _run_stages(spec: SweepSpec, results: ResultsStore, log, on_progress=None) -
     if spec.tune.search_config.search == "grid":
         planned = plan_pairs(spec, extracted.sets, similarity, selection.ranking if selection else None)
         _log_similarity(similarity, log)
+        fresh, found = extract_tokens(spec, pairs, extracted.sets, runner.pending(planned),
+                                      str(store.root), log)
+        computed, cached = computed + fresh, cached + found
         tally = runner.run_grid(planned)
     else:  # one encoder pair (checked when the spec loads)
         for grid in spec.search:  # every subsample's matrix before Tune starts (and fails early)

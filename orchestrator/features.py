@@ -45,6 +45,9 @@ class FeatureSet:
     # the image encoder's features of its images, the text encoder's of its captions
     unpaired_image: str | None = None
     unpaired_text: str | None = None
+    # (role, layer) -> TokenEntries: filled by the token stage (orchestrator.token_features)
+    # for token-head trials; not in keys(), which pooled trials' fingerprints hash
+    tokens: dict = field(default_factory=dict)
 
     def keys(self) -> list[str]:
         """Every store key a trial reads. Unpaired keys only when set: a sweep

@@ -178,6 +178,22 @@ class EncoderSelectionSpec:
 
 
 @dataclass
+class TokensSpec:
+    """Token features, for token heads (``head: token_projector``; orchestrator.token_features).
+
+    ``memory_budget_gb``: a trial whose token sets (train, val and evaluation
+    sets of its two layers, on disk) are larger reads them streamed, with its
+    resident memory bounded by a few batches, instead of memory-mapped.
+    """
+
+    memory_budget_gb: float = 4.0
+
+    def __post_init__(self):
+        check_finite(self.memory_budget_gb, "memory_budget_gb")
+        check_min(self.memory_budget_gb, 0, "memory_budget_gb")
+
+
+@dataclass
 class SweepSpec:
     """A whole sweep; build it with :func:`load_spec` (or :func:`load_run_spec`)."""
 
@@ -191,6 +207,7 @@ class SweepSpec:
     encoder_selection: Optional[EncoderSelectionSpec] = field(default=None, metadata={  # freeze-align §3.1
         "parse": lambda v, at: None if v is None else _convert(v, EncoderSelectionSpec, at)})
     tune: TuneSpec = field(default_factory=TuneSpec, metadata={"parse": TuneSpec.parse})
+    tokens: TokensSpec = field(default_factory=TokensSpec)
     output_dir: Optional[str] = None  # default: runs/<name>
     cache_dir: Optional[str] = None  # default: $STRUCTURE_SWEEP_CACHE or ~/.cache/structure-sweep
     source: str = ""  # the file it came from (set by load_spec)
@@ -212,6 +229,7 @@ class SweepSpec:
             check_closed_form(grid, self.training, f"search[{i}]")
         _check_num_samples(self)
         check_pair_rules(self)
+        _check_token_heads(self)
         search = self.tune.search_config
         search.metric, search.mode = _objective(self)
 
@@ -238,6 +256,23 @@ def _check_merged(grid: Grid, training: dict, path: str) -> None:
         for key, dim in grid.sample.items():
             for example in dim.examples():
                 from_dict(TrialConfig, {**values, key: example}, path=path)
+
+
+def _check_token_heads(spec: "SweepSpec") -> None:
+    """Token heads read token features, which the token stage extracts for the layer
+    pairs of planned trials: a grid search; an Optuna trial's layers are known too late."""
+    from trials.head_options import needs_tokens
+
+    if spec.tune.search_config.search == "grid":
+        return
+    for i, grid in enumerate(spec.search):
+        for combo in grid.combinations():
+            head = {**spec.training, **combo.values}.get("head", TrialConfig.head)
+            if needs_tokens(head):
+                raise SpecError(f"head {head!r} reads token features, extracted for the layer pairs "
+                                "of planned trials: it needs `tune.search: grid` (the default); "
+                                "search its options with list dimensions instead of Optuna",
+                                path=f"search[{i}]")
 
 
 def _check_num_samples(spec: "SweepSpec") -> None:

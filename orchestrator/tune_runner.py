@@ -32,6 +32,7 @@ import numpy as np
 import pandas as pd
 
 from orchestrator.feature_store import FeatureStore
+from trials.head_options import needs_tokens
 from orchestrator.features import FeatureSet
 from orchestrator.planning import PlannedTrial, optuna_space, param_space
 from orchestrator.results import ResultsStore
@@ -131,7 +132,8 @@ class TuneRunner:
     def _run_wave(self, wave: list[PlannedTrial], features: FeatureSet) -> None:
         tasks = tuple(TrialTask(tuple(group))
                       for group in group_tasks(wave, self.spec.tune.run_config.trials_per_task))
-        refs = put_layers(self.store, features, [t.layers for t in tasks])
+        pooled = [t.layers for t in tasks if not all(needs_tokens(p.config.head) for p in t.trials)]
+        refs = put_layers(self.store, features, pooled)  # token heads read the token store
         payload = WorkerPayload(features, refs, self._context(), tasks=tasks)
         self._fit(payload, {"task": _grid_search(len(tasks))}, 1, None, total=len(wave))
         # this wave's layers leave the object store (refs dropped) before the next are put
@@ -163,7 +165,8 @@ class TuneRunner:
     # --- one Tune run -----------------------------------------------------------------
 
     def _context(self) -> WorkerContext:
-        return WorkerContext(device=self.spec.tune.run_config.trial_device, report_epochs=self.asha)
+        return WorkerContext(device=self.spec.tune.run_config.trial_device, report_epochs=self.asha,
+                             token_memory_budget_gb=self.spec.tokens.memory_budget_gb)
 
     def _fit(self, payload: WorkerPayload, space: dict, num_samples: int, searcher, *,
              total: int) -> None:

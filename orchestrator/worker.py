@@ -25,6 +25,8 @@ from typing import Any, Callable, Optional
 from orchestrator.features import FeatureSet, Fetch, trial_data
 from orchestrator.planning import OptunaSpace, PlannedTrial, materialize
 from orchestrator.schema import ASHA_METRIC, DONE, FAILED
+from trials.head_options import needs_tokens
+from trials.token_trial import TokenTrialData, run_token_trial
 from trials.trial import EPOCH_ROWS, TrialData, run_trial
 
 # Errors of a trial's own inputs (training diverged, CSA rank errors, bad head
@@ -49,6 +51,7 @@ class WorkerContext:
 
     device: str = "cpu"
     report_epochs: bool = False
+    token_memory_budget_gb: float = 4.0  # token sets beyond it are streamed (spec: tokens.memory_budget_gb)
 
 
 @dataclass(frozen=True)
@@ -118,12 +121,13 @@ def run_task(task: TrialTask, features: FeatureSet, fetch: Fetch,
     ``context.report_epochs``; ``train`` is the trial function.
     """
     started = time.time()
-    data = trial_data(features, fetch, *task.layers)
+    inputs = _TaskInputs(task, features, fetch, context, train)
     on_epoch = _epoch_reporter(report) if context.report_epochs and report else None
     rows, host = [], socket.gethostname()
     for trial in task.trials:
         t0 = time.time()
-        status, error, metrics = _attempt(trial, data, context.device, on_epoch, train,
+        data, trial_fn = inputs.of(trial)
+        status, error, metrics = _attempt(trial, data, context.device, on_epoch, trial_fn,
                                           reraise=len(task.trials) == 1)
         end = time.time()
         metrics[EPOCHS_JSON] = json.dumps(metrics.pop(EPOCH_ROWS, []))
@@ -133,7 +137,31 @@ def run_task(task: TrialTask, features: FeatureSet, fetch: Fetch,
     return rows
 
 
-def _attempt(trial: PlannedTrial, data: TrialData, device: str, on_epoch, train: Train,
+class _TaskInputs:
+    """A task's two layers, read once and only if a trial needs them: pooled features
+    for pooled heads (trained by ``train``), token sets for token heads."""
+
+    def __init__(self, task: TrialTask, features: FeatureSet, fetch: Fetch, context: WorkerContext,
+                 train: Train):
+        self.task, self.features, self.fetch, self.context, self.train = task, features, fetch, context, train
+        self._pooled: Optional[TrialData] = None
+        self._tokens: Optional[TokenTrialData] = None
+
+    def of(self, trial: PlannedTrial) -> tuple[Any, Train]:
+        """(the trial's data, the function that runs it)."""
+        if needs_tokens(trial.config.head):
+            if self._tokens is None:
+                from orchestrator.token_features import token_trial_data
+
+                self._tokens = token_trial_data(self.features, *self.task.layers,
+                                                self.context.token_memory_budget_gb)
+            return self._tokens, run_token_trial
+        if self._pooled is None:
+            self._pooled = trial_data(self.features, self.fetch, *self.task.layers)
+        return self._pooled, self.train
+
+
+def _attempt(trial: PlannedTrial, data: Any, device: str, on_epoch, train: Train,
              reraise: bool) -> tuple[str, str, dict]:
     """(status, error, metrics) of one trial."""
     try:

@@ -102,7 +102,7 @@ class TokenPairs:
     text_to_image: np.ndarray
 
     def __post_init__(self):
-        self.text_to_image = np.asarray(self.text_to_image, np.int64)
+        self.text_to_image = np.array(self.text_to_image, np.int64)  # a writable copy (torch reads it)
         if self.text_to_image.shape != (len(self.text),):
             raise ValueError(f"text_to_image must hold one image row per caption ({len(self.text)}), "
                              f"got shape {self.text_to_image.shape}")
