@@ -24,7 +24,7 @@ from typing import Optional
 from orchestrator.cluster import LOOPBACK, ray_session
 from orchestrator.curation_stage import curated_refs, record_curation
 from orchestrator.durable import DiskFull
-from orchestrator.encoder_pairs import Selection, select_encoder_pairs
+from orchestrator.encoder_pairs import Selection, check_probe_encoders, select_encoder_pairs
 from orchestrator.feature_store import FeatureStore
 from orchestrator.features import extract_pairs
 from orchestrator.pair_rules import trained_pairs
@@ -94,6 +94,7 @@ def run_sweep(spec: SweepSpec, *, address: str | None = None, dashboard: bool = 
     :func:`ray_session`. ``on_progress(SweepProgress)``: called after each trial
     event (a live display)."""
     check_runnable(spec)
+    check_probe_encoders(spec)
     run_dir = spec.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     with driver_lock(run_dir):
