@@ -20,6 +20,7 @@ from dashboards import diagnostics as G
 from dashboards import encoders as E
 from dashboards import figures as F
 from dashboards import html as H
+from dashboards.curation import curation_section
 from dashboards.findings import claims
 from dashboards.neighbourhood import neighbourhood_section
 
@@ -264,9 +265,11 @@ def health_section(run: D.RunData) -> H.Section:
 def build_sections(run: D.RunData) -> list[H.Section]:
     """Every section, in page order."""
     pairs = D.run_pairs(run)
+    curation = curation_section(run)  # only for a run that read a curated dataset
     return [summary_section(run), encoders_section(run), table_section(run, pairs),
             scaling_section(run, pairs), layers_section(run, pairs), sensitivity_section(run, pairs),
-            search_section(run), health_section(run), neighbourhood_section(run)]
+            search_section(run), health_section(run), neighbourhood_section(run),
+            *([curation] if curation else [])]
 
 
 def render_html(run: D.RunData, refresh: float | None = None) -> str:

@@ -1,4 +1,4 @@
-"""The sweep driver: spec -> [encoder-pair selection] -> features -> layer similarity -> Ray Tune -> store.
+"""The sweep driver: spec -> [curated data] -> [encoder-pair selection] -> features -> layer similarity -> Ray Tune -> store.
 
 :func:`run_sweep` is the whole pipeline of ``structure-sweep run`` and
 ``resume``. The results store is the one source of truth: finished trials (by
@@ -22,8 +22,9 @@ from pathlib import Path
 from typing import Optional
 
 from orchestrator.cluster import LOOPBACK, ray_session
+from orchestrator.curation_stage import curated_refs, record_curation
 from orchestrator.durable import DiskFull
-from orchestrator.encoder_pairs import Selection, select_encoder_pairs
+from orchestrator.encoder_pairs import Selection, check_probe_encoders, select_encoder_pairs
 from orchestrator.feature_store import FeatureStore
 from orchestrator.features import extract_pairs
 from orchestrator.pair_rules import trained_pairs
@@ -94,6 +95,7 @@ def run_sweep(spec: SweepSpec, *, address: str | None = None, dashboard: bool = 
     :func:`ray_session`. ``on_progress(SweepProgress)``: called after each trial
     event (a live display)."""
     check_runnable(spec)
+    check_probe_encoders(spec)
     run_dir = spec.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     with driver_lock(run_dir):
@@ -146,6 +148,9 @@ def _run_stages(spec: SweepSpec, results: ResultsStore, log, on_progress=None) -
     store = FeatureStore(cache_root / "features")
     monitor = SweepMetrics(spec.name, spec.tune.search_config.metric, spec.tune.search_config.mode,
                            on_change=on_progress)
+    if curated_refs(spec):  # a data stage: the encoder actors then find the selections cached
+        log("[0/3] curated data (concept-balanced selection, freeze-align §3.2)")
+        record_curation(spec, results, log)
     selection = _select(spec, store, results, log)
     pairs = trained_pairs(spec, selection.ranking if selection else None)
     log(f"[1/3] features (cache: {cache_root})")

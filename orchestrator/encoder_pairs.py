@@ -11,7 +11,18 @@ Protocol ``per_layer``: every layer pair at once (``trials.similarity.
 layer_similarity``, each layer's Gram matrix once); a pair is ranked by its
 best layer pair, and the last layers' score is kept too. ``cka`` is scored
 with ``eps=0``: freeze-align's ``linear_CKA``, i.e. ``trials.similarity.cka``
-with ``eps=0``. Matrices are cached under content keys beside the layer
+with ``eps=0``.
+
+Protocol ``freeze_align`` (the paper's embeddings, one score per pair): each
+candidate embeds the probe through a probe copy of itself
+(:func:`probe_encoder`): a ``timm`` image encoder with ``pool: mean_all``
+(the mean over ALL tokens, CLS included, of the last layer after the final
+norm), an ``hf`` text encoder with ``pool: mean`` (masked mean: the
+sentence-transformers pooling), whatever pool the candidate trains with;
+a ``synthetic`` candidate as it is. Only the LAST layers are scored: the
+image rows as they are, each caption L2-normalised (sentence-transformers'
+``Normalize`` step) and then averaged over its image's captions WITHOUT
+re-normalising, then ``metric`` (``cka``: without eps) on those raw rows. Matrices are cached under content keys beside the layer
 similarity (a re-run computes nothing), and the ranking is written to the
 run's ``encoder_pairs`` table (schema: ``orchestrator.schema.ENCODER_PAIRS_COLUMNS``).
 """
@@ -25,6 +36,7 @@ from typing import Optional
 
 import numpy as np
 
+from orchestrator.config import SpecError
 from orchestrator.feature_store import FeatureStore
 from orchestrator.features import run_encoder
 from orchestrator.keys import content_key
@@ -35,6 +47,9 @@ from orchestrator.similarity_stage import cached_array
 # Part of the cache keys: change it whenever which probe rows are scored, or how, changes.
 SAMPLING = "orchestrator.encoder_pairs.caption_means+sample_rows-v1"
 _FIELDS = {"image": "images", "text": "texts"}
+# freeze_align: the pool each encoder kind embeds the probe with (module docstring)
+FREEZE_ALIGN_POOLS = {("image", "timm"): "mean_all", ("text", "hf"): "mean",
+                      ("image", "synthetic"): None, ("text", "synthetic"): None}
 
 
 @dataclass(frozen=True)
@@ -97,6 +112,7 @@ def extract_probe(spec, cache_root: str, log=print, run=run_encoder) -> ProbeFea
     keys, outputs = {}, {}
     for role in ROLES:
         for i, encoder in enumerate(encoders.candidates(role)):
+            encoder = probe_encoder(encoder, role, spec.encoder_selection.protocol)
             (out,), _ = run(encoders.path(role, i), encoder, cache_root,
                             [(asdict(ref), [_FIELDS[role]])], log)
             keys[(role, i)], outputs[(role, i)] = out["keys"][_FIELDS[role]], out
@@ -107,6 +123,34 @@ def extract_probe(spec, cache_root: str, log=print, run=run_encoder) -> ProbeFea
     text = outputs[("text", 0)]
     return ProbeFeatures(keys, np.asarray(text["text_to_image"]), text["fingerprint"],
                          computed, len(outputs) - computed)
+
+
+def probe_encoder(encoder, role: str, protocol: str):
+    """The encoder that embeds the probe: the candidate itself, or under ``freeze_align``
+    a copy with the protocol's pool (module docstring)."""
+    if protocol != "freeze_align":
+        return encoder
+    pool = FREEZE_ALIGN_POOLS[(role, encoder.name.partition(":")[0])]
+    return encoder if pool is None else dataclasses.replace(encoder, pool=pool)
+
+
+def check_probe_encoders(spec) -> None:
+    """Before any Ray work: every probe copy can be built (the ``freeze_align`` image pool
+    ``mean_all`` must be one this build's timm encoder knows)."""
+    from orchestrator.encoders import EncoderOptionError, describe_encoder
+
+    settings = spec.encoder_selection
+    if settings is None or settings.protocol != "freeze_align":
+        return
+    for role in ROLES:
+        for i, encoder in enumerate(spec.encoders.candidates(role)):
+            probe = probe_encoder(encoder, role, settings.protocol)
+            try:
+                describe_encoder(probe.name, pool=probe.pool, options=probe.options)
+            except EncoderOptionError as err:
+                raise SpecError(f"protocol freeze_align embeds the probe with pool {probe.pool!r} "
+                                f"({err}); this build cannot, so use protocol: per_layer",
+                                path=f"encoders.{spec.encoders.path(role, i)}") from None
 
 
 # --- scoring ---------------------------------------------------------------------------------
@@ -130,15 +174,25 @@ def score_pair(store: FeatureStore, probe: ProbeFeatures, pair: EncoderPair, set
     """The pair's all-layer-pairs matrix and its best and last scores (cached, see module doc)."""
     rows = probe_rows(probe.text_to_image, settings.n_samples, settings.seed)
     key = pair_key(probe, pair, settings)
+    image, text = probe.keys[("image", pair.image)], probe.keys[("text", pair.text)]
+    last_only = settings.protocol == "freeze_align"
 
     def compute() -> np.ndarray:  # features are read only when the matrix is not cached
-        x = _layers(store, probe.keys[("image", pair.image)], rows)
-        y = _layers(store, probe.keys[("text", pair.text)], rows, probe.text_to_image)
+        if last_only:
+            x = _layers(store, image, rows, layers=[_last(store, image)])
+            y = _layers(store, text, rows, probe.text_to_image, [_last(store, text)], normalise=True)
+        else:
+            x, y = _layers(store, image, rows), _layers(store, text, rows, probe.text_to_image)
         return _matrix(x, y, settings)
 
     matrix, _ = cached_array(store, key, compute)
-    best = best_layers(matrix)
-    return PairScore(pair, key, matrix, best, float(matrix[best]), float(matrix[-1, -1]), len(rows))
+    best = (_last(store, image), _last(store, text)) if last_only else best_layers(matrix)
+    score = float(matrix[-1, -1] if last_only else matrix[best])
+    return PairScore(pair, key, matrix, best, score, float(matrix[-1, -1]), len(rows))
+
+
+def _last(store: FeatureStore, key: str) -> int:
+    return store.manifest(key)["num_layers"] - 1
 
 
 def best_layers(matrix: np.ndarray) -> tuple[int, int]:
@@ -148,17 +202,29 @@ def best_layers(matrix: np.ndarray) -> tuple[int, int]:
     return tuple(int(v) for v in np.unravel_index(np.argmax(finite), matrix.shape))
 
 
-def _layers(store: FeatureStore, key: str, rows: np.ndarray, text_to_image=None):
-    """[L, len(rows), D] float32 features of ``rows``; texts: the mean of each image's captions."""
+def _layers(store: FeatureStore, key: str, rows: np.ndarray, text_to_image=None, layers=None,
+            normalise: bool = False):
+    """[L, len(rows), D] float32 features of ``rows`` at ``layers`` (default: all); texts: the
+    mean of each image's captions, each caption first L2-normalised if ``normalise``."""
     import torch
 
     out = []
-    for layer in range(store.manifest(key)["num_layers"]):
+    for layer in range(store.manifest(key)["num_layers"]) if layers is None else layers:
         x = torch.from_numpy(np.array(store.layer(key, layer), dtype=np.float32))
         if text_to_image is not None:
-            x = caption_means(x, text_to_image)
+            x = text_rows(x, text_to_image, normalise)
         out.append(x[torch.from_numpy(np.asarray(rows, dtype=np.int64))])
     return torch.stack(out)
+
+
+def text_rows(texts, text_to_image: np.ndarray, normalise: bool = False):
+    """[n_images, D] one text row per image: the mean of its captions, each caption first
+    L2-normalised when ``normalise`` (sentence-transformers' ``Normalize``: ``F.normalize(p=2,
+    dim=1)``); the mean itself is NOT re-normalised (freeze-align)."""
+    import torch
+
+    return caption_means(torch.nn.functional.normalize(texts, p=2, dim=1) if normalise else texts,
+                         text_to_image)
 
 
 def caption_means(texts, text_to_image: np.ndarray):

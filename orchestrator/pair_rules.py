@@ -33,11 +33,9 @@ if TYPE_CHECKING:
 KEY = "encoder_pairs"  # the grid key
 ROLES = ("image", "text")
 _RULE = re.compile(r"all|top(\d*)")
-FREEZE_ALIGN_UNAVAILABLE = (  # encoder_selection.protocol: freeze_align, refused at load
-    "protocol 'freeze_align' is not yet available: it needs token features (issue: token "
-    "projector): the mean over ALL tokens of the last hidden state after the final norm (CLS "
-    "included) for images, the sentence-embedding pipeline averaged over each image's captions for "
-    "text. Use protocol: per_layer (every layer pair of the pooled features)")
+# encoder_selection.protocol freeze_align: the encoder kinds whose probe embedding it defines
+# (orchestrator.encoder_pairs.probe_encoder): timm images (pool mean_all), hf texts (masked mean)
+FREEZE_ALIGN_KINDS = {"image": ("timm", "synthetic"), "text": ("hf", "synthetic")}
 
 
 @dataclass(frozen=True)
@@ -207,6 +205,7 @@ def grid_slots(spec: SweepSpec, grid: Grid) -> list:
 def check_pair_rules(spec: SweepSpec) -> None:
     """Every grid's pairs exist, ``top`` has a selection to rank by and at most as many
     pairs as there are; Optuna searches one encoder pair (its space is one pair's layers)."""
+    _check_protocol(spec)
     n_pairs = len(all_pairs(spec.encoders))
     for i, grid in enumerate(spec.search):
         path = f"search[{i}].{KEY}"
@@ -231,3 +230,17 @@ def _check_top(spec: SweepSpec, rule: PairRule, n_pairs: int, path: str) -> None
     if top_k(spec, rule) > n_pairs:
         raise SpecError(f"{rule} asks for {top_k(spec, rule)} pairs, but the candidates make only "
                         f"{n_pairs}", path=path)
+
+
+def _check_protocol(spec: SweepSpec) -> None:
+    """``freeze_align`` embeds the probe its own way, defined for some encoder kinds only."""
+    if spec.encoder_selection is None or spec.encoder_selection.protocol != "freeze_align":
+        return
+    for role in ROLES:
+        for i, encoder in enumerate(spec.encoders.candidates(role)):
+            kind = encoder.name.partition(":")[0]
+            if kind not in FREEZE_ALIGN_KINDS[role]:
+                raise SpecError(f"encoder_selection.protocol freeze_align defines the {role} embedding of "
+                                f"{' and '.join(FREEZE_ALIGN_KINDS[role])} encoders, not {kind!r} "
+                                f"({encoder.name}); use protocol: per_layer",
+                                path=f"encoders.{spec.encoders.path(role, i)}")

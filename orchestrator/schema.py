@@ -18,9 +18,9 @@ RESULTS_DIR = "results"  # the Parquet store: results/<table>/part-*.parquet
 REPORT_FILE = "report.html"
 
 # --- tables --------------------------------------------------------------------------
-TABLES = ("trials", "layer_similarity", "epochs", "encoder_pairs")
+TABLES = ("trials", "layer_similarity", "epochs", "encoder_pairs", "curation")
 KEYS = {"trials": "fingerprint", "layer_similarity": "row_key",  # deduplication key per table
-        "epochs": "row_key", "encoder_pairs": "row_key"}
+        "epochs": "row_key", "encoder_pairs": "row_key", "curation": "row_key"}
 
 # ``epochs``: one row per (trial, recorded epoch), written with the trial's row by the
 # results sink (orchestrator.results_sink). Every trained trial records epoch 0 and every
@@ -59,15 +59,38 @@ ENCODER_PAIRS_COLUMNS = {
     "image_encoder": "image candidate's label", "text_encoder": "text candidate's label",
     "image_name": "image encoder name", "text_name": "text encoder name",
     "protocol": "per_layer | freeze_align", "metric": "encoder_selection.metric",
-    "image_layer": "image layer of `score` (per_layer: of the best layer pair)",
+    "image_layer": "image layer of `score` (per_layer: of the best layer pair; freeze_align: the last)",
     "text_layer": "text layer of `score`",
     "score": "metric at (image_layer, text_layer); cka: linear CKA without eps",
-    "last_score": "metric of the last layers (per_layer)",
+    "last_score": "metric of the last layers (freeze_align: = score)",
     "rank": "1 = the best pair of this selection (by score)",
     "probe": "the probe set: dataset/split (name)", "probe_fingerprint": "the probe split's content key",
     "n_samples": "probe rows scored (images; captions averaged per image)",
     "normalize": "rows L2-normalised first (false: raw features, as freeze-align)",
     "written_at": "unix time the selection was stored",
+}
+
+# --- curated data (orchestrator.datasets.curated, orchestrator.curation_stage) -------------
+# ``curation``: one row per (curated dataset the sweep reads, concept), written by the driver's
+# data stage before any encoder runs: the coverage of the concept-balanced subset against the
+# equal-size random control (freeze-align §3.2), whichever of the two the sweep trains on.
+CURATION_COLUMNS = {
+    "row_key": "selection_key/control_key/concept (deduplication key)",
+    "dataset": "the curated set's name in the spec", "role": "where the spec reads it: train, val, "
+    "retrieval/<name>, unpaired/<image|text>",
+    "method": "what the sweep trains on: concept_balanced | random (the control)",
+    "selection_key": "content key of the concept-balanced selection (its cache file)",
+    "control_key": "content key of the random control (the curated set's seed)",
+    "pool": "the caption pool: dataset/split", "n_pool": "captions in the pool",
+    "prototypes": "file | images | prompts (the labelled fallback)",
+    "per_concept": "captions a concept may take", "max": "length of each concept's top list",
+    "faithful": "the official int8 scores (true) or exact float ones",
+    "concept": "concept index (prototype row)", "concept_name": "its name",
+    "curated": "captions the concept-balanced subset assigned to this concept (the greedy pick)",
+    "curated_nearest": "captions of the concept-balanced subset whose nearest prototype (cosine, "
+                       "trials.curation.nearest_counts) is this concept",
+    "random_nearest": "the same count for the random control (equal size)",
+    "n_selected": "captions in either subset", "written_at": "unix time the rows were stored",
 }
 
 # --- layer selection (orchestrator.similarity_stage, orchestrator.planning) -------------

@@ -28,8 +28,7 @@ from orchestrator.durable import atomic_write_bytes
 from orchestrator.encoders import DTYPES as ENCODER_DTYPES
 from orchestrator.env_vars import substitute_env, unresolved_variables
 from orchestrator.grids import Grid, check_closed_form, check_head
-from orchestrator.pair_rules import (FREEZE_ALIGN_UNAVAILABLE, ROLES, check_pair_rules, is_rule_word,
-                                    parse_search)
+from orchestrator.pair_rules import ROLES, check_pair_rules, is_rule_word, parse_search
 from orchestrator.schema import SPEC_FILE, choose_headline, default_mode, metric_names
 from orchestrator.tune_settings import TuneSpec
 from orchestrator.validation import World, check_world
@@ -156,7 +155,8 @@ class EncoderSelectionSpec:
     """Encoder-pair selection (freeze-align §3.1; :mod:`orchestrator.encoder_pairs`): every
     (image, text) candidate pair scored on ``probe`` before any trial, by ``metric`` on raw
     features (``cka``: linear CKA without eps, freeze-align's ``linear_CKA``). ``per_layer``
-    ranks pairs by their best layer pair; ``top``: the K of a grid's ``top`` rule."""
+    ranks pairs by their best layer pair, ``freeze_align`` by the paper's last-layer
+    embeddings; ``top``: the K of a grid's ``top`` rule."""
 
     probe: DatasetRef
     metric: METRIC_NAMES = "cka"
@@ -173,8 +173,6 @@ class EncoderSelectionSpec:
         check_min(self.seed, 0, "seed")
         if isinstance(self.k, int):
             check_min(self.k, 1, "k")
-        if self.protocol == "freeze_align":
-            raise SpecError(FREEZE_ALIGN_UNAVAILABLE, path="protocol")
 
 
 @dataclass

@@ -227,6 +227,16 @@ def curate(parts: Iterable[Part], prototypes: np.ndarray, config: CurationConfig
     return greedy_assign(lists, config.per_concept, candidates)
 
 
+def nearest_counts(embeddings: np.ndarray, prototypes: np.ndarray) -> np.ndarray:
+    """[C] how many of ``embeddings`` have each concept as their nearest prototype
+    (highest cosine, ties to the lower index): the one rule by which the report
+    counts a subset's coverage, curated or random alike."""
+    prototypes = np.asarray(prototypes, dtype=np.float32)
+    embeddings = np.asarray(embeddings, dtype=np.float32).reshape(-1, prototypes.shape[1])
+    nearest = cosine_scores(embeddings, prototypes).argmax(axis=1)
+    return np.bincount(nearest, minlength=len(prototypes))
+
+
 def random_control(ids: np.ndarray, size: int, seed: int = 0) -> np.ndarray:
     """The control: ``size`` ids drawn uniformly without replacement, in pool order."""
     ids = np.asarray(ids, dtype=np.int64)

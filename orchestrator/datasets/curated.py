@@ -12,11 +12,17 @@ Options:
 * ``pool``: the caption pool, a paired dataset reference ``{dataset, split
   (default: the split asked for), options}`` (or just a dataset name);
 * ``prototypes``: a file (``.npz`` / ``.npy``, see
-  :func:`trials.curation.load_prototypes`), or ``{from: prompts}`` (default):
-  the mean of the pool's class prompts embedded by ``embed``, a LABELLED
-  FALLBACK for the paper's image prototypes (the mean of a few images per
-  concept, which needs an image encoder in the caption space: not yet built
-  here, give it as a file);
+  :func:`trials.curation.load_prototypes`); or ``{from: images, per_concept:
+  K}``: the paper's recipe (Fig. 2), per concept (a class of the pool) the
+  mean of the L2-normalised embeddings of its first K images in pool order
+  (fewer where the class has fewer), in the caption encoder's space: for a
+  synthetic pool the images' semantic latent (as ``embed: semantic`` for
+  captions), for a real pool ``image_features``, an ``.npy`` [n_images, D] of
+  the pool's images embedded into the caption space (e.g. CLIP's image tower
+  when captions are embedded by CLIP's text tower), row i = image row i of the
+  pool, whose labels choose the images; or ``{from: prompts}`` (default): the
+  mean of the pool's class prompts embedded by ``embed``, a LABELLED FALLBACK
+  for the image prototypes;
 * ``method``: ``concept_balanced`` (the paper) or ``random``: the control, a
   uniformly random subset of the same size as the concept-balanced one;
 * ``per_concept`` (2,000), ``max`` (50,000), ``faithful`` (False: exact float
@@ -29,6 +35,7 @@ Options:
   of the caption encoder's cached features, row i = caption row i of the pool:
   what a real run plugs in. From Python, a callable ``embed(inputs) -> [n, D]``
   carrying an ``identity`` attribute (JSON-able; it is part of the cache key);
+* ``image_features``: see ``prototypes``;
 * ``cache_dir``: where selections are cached (default
   ``$STRUCTURE_SWEEP_CACHE`` or ``~/.cache/structure-sweep``, + ``/curated``).
 
@@ -64,7 +71,9 @@ METHODS = ("concept_balanced", "random")
 NAME = "curated"
 LAYOUT = """expected prototypes as a file: an .npz with arrays 'prototypes' [C, D] and 'names' [C],
 or an .npy [C, D] with optional names in <same name>.txt (one a line); or {from: prompts};
-caption_features: an .npy [n_texts, D], row i = caption row i of the pool."""
+or {from: images, per_concept: K} (a synthetic pool, or image_features and a labelled pool);
+caption_features: an .npy [n_texts, D], row i = caption row i of the pool;
+image_features: an .npy [n_images, D] in the caption space, row i = image row i of the pool."""
 
 
 @dataclass
@@ -77,6 +86,7 @@ class CuratedSelection:
     counts: np.ndarray  # [C] per concept (all zero for random)
     names: list[str]
     key: str
+    cached: bool = False  # read from the cache (no scoring) rather than computed now
 
 
 @dataclass
@@ -89,18 +99,29 @@ class Stage:
     features: Optional[Path]
     embed_identity: Any
     prototypes: Any
+    images: Optional[Path] = None  # image_features, for prototypes {from: images}
 
 
 @register_dataset(NAME, kind="paired")
 def curated(split: str, *, pool: Any, prototypes: Any = None, method: str = "concept_balanced",
             per_concept: int = 2000, max: int = 50_000, faithful: bool = False, batch: int = 4096,
             seed: int = 0, embed: Any = "auto", caption_features: Optional[str] = None,
-            cache_dir: Optional[str] = None) -> Split:
+            image_features: Optional[str] = None, cache_dir: Optional[str] = None) -> Split:
     """The selected caption rows of the pool as a paired Split (module docstring)."""
-    stage = build_stage(split, pool, prototypes, embed, caption_features)
+    stage = build_stage(split, pool, prototypes, embed, caption_features, image_features)
     selection = curated_selection(stage, method=method, config=_config(per_concept, max, faithful, batch),
                                   seed=seed, cache_dir=cache_dir)
     return subset_split(stage.pool, selection)
+
+
+def bound_options(split: str, options: dict) -> dict:
+    """Every option of :func:`curated` for ``options`` (defaults filled in), as it reads them."""
+    try:
+        bound = inspect.signature(curated).bind(split, **options)
+    except TypeError as err:
+        raise DatasetError(f"dataset {NAME!r}: {err}") from err
+    bound.apply_defaults()
+    return bound.arguments
 
 
 def _config(per_concept, max, faithful, batch) -> curation.CurationConfig:
@@ -113,12 +134,14 @@ def _config(per_concept, max, faithful, batch) -> curation.CurationConfig:
 # --- the stage's inputs ----------------------------------------------------------
 
 
-def build_stage(split: str, pool: Any, prototypes: Any, embed: Any, caption_features: Optional[str]) -> Stage:
+def build_stage(split: str, pool: Any, prototypes: Any, embed: Any, caption_features: Optional[str],
+                image_features: Optional[str] = None) -> Stage:
     ref = _pool_ref(pool, split)
     pool_split = load_split(ref["dataset"], ref["split"], ref["options"])
     features = require(NAME, caption_features, LAYOUT, "caption_features") if caption_features else None
+    images = require(NAME, image_features, LAYOUT, "image_features") if image_features else None
     fn, identity = _embedding(embed, ref, features)
-    return Stage(pool_split, ref, fn, features, identity, prototypes or {"from": "prompts"})
+    return Stage(pool_split, ref, fn, features, identity, prototypes or {"from": "prompts"}, images)
 
 
 def _pool_ref(pool: Any, split: str) -> dict:
@@ -164,23 +187,35 @@ def caption_parts(stage: Stage, batch: int) -> Iterator[curation.Part]:
     """The pool's caption rows as (row ids, embeddings), ``batch`` rows at a time."""
     texts = stage.pool.inputs("texts")
     rows = np.load(stage.features, mmap_mode="r", allow_pickle=False) if stage.features else None
-    if rows is not None and len(rows) != len(texts):
-        raise DatasetError(f"dataset {NAME!r}: caption_features has {len(rows)} rows, the pool "
-                           f"{len(texts)} captions.\n{LAYOUT}")
+    if rows is not None:
+        _check_rows(rows, len(texts), "caption_features", "captions")
     for start in range(0, len(texts), batch):
         stop = min(start + batch, len(texts))
         vectors = rows[start:stop] if rows is not None else stage.embed(texts[start:stop])
         yield np.arange(start, stop), np.asarray(vectors, dtype=np.float32)
 
 
+def _check_rows(rows: np.ndarray, n: int, option: str, unit: str) -> None:
+    if len(rows) != n:
+        raise DatasetError(f"dataset {NAME!r}: {option} has {len(rows)} rows, the pool {n} {unit}.\n{LAYOUT}")
+
+
+def caption_vectors(stage: Stage, ids: np.ndarray) -> np.ndarray:
+    """[len(ids), D] the caption embeddings of pool rows ``ids`` (what scoring saw)."""
+    ids = np.asarray(ids, dtype=np.int64)
+    if stage.features is not None:
+        return np.asarray(np.load(stage.features, mmap_mode="r", allow_pickle=False)[ids], dtype=np.float32)
+    return np.asarray(stage.embed(_take(stage.pool.inputs("texts"), ids)), dtype=np.float32)
+
+
 def prototype_identity(stage: Stage) -> Any:
     """A file's content hash, or the recipe of built prototypes (whose inputs,
     the pool and the embedding, are in the key too): no embedding on a hit."""
     if isinstance(stage.prototypes, dict):
-        if stage.prototypes != {"from": "prompts"}:
-            raise DatasetError(f"dataset {NAME!r}: prototypes must be a file or {{from: prompts}}, "
-                               f"not {stage.prototypes!r}")
-        return ["prompts"]
+        recipe = prototype_recipe(stage.prototypes)
+        if recipe == "prompts":
+            return ["prompts"]
+        return ["images", stage.prototypes["per_concept"], _image_embedding(stage)[1]]
     array, names = _prototype_file(stage)
     digest = hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()
     return ["file", list(array.shape), digest, names]
@@ -194,10 +229,57 @@ def _prototype_file(stage: Stage) -> tuple[np.ndarray, list[str]]:
         raise DatasetError(f"dataset {NAME!r}: {err}\n{LAYOUT}") from err
 
 
+def prototype_recipe(prototypes: dict) -> str:
+    """``prompts`` or ``images``, with the recipe's keys checked."""
+    if prototypes == {"from": "prompts"}:
+        return "prompts"
+    k = prototypes.get("per_concept")
+    if (prototypes.get("from") == "images" and set(prototypes) == {"from", "per_concept"}
+            and isinstance(k, int) and not isinstance(k, bool) and k >= 1):
+        return "images"
+    raise DatasetError(f"dataset {NAME!r}: prototypes must be a file, {{from: images, per_concept: K}} "
+                       f"(K >= 1) or {{from: prompts}}, not {prototypes!r}")
+
+
+def _image_embedding(stage: Stage) -> tuple[Callable, Any]:
+    """The pool's images in the caption space: ``image_features`` rows, or a synthetic
+    pool's semantic latent (the same columns ``embed: semantic`` takes of captions)."""
+    if stage.images is not None:
+        identity = files_identity(NAME, [stage.images], stage.images.parent, LAYOUT)
+        rows = lambda index: np.load(stage.images, mmap_mode="r", allow_pickle=False)[index]  # noqa: E731
+        return rows, ["image_features", identity]
+    if stage.pool_ref["dataset"] == "synthetic":
+        semantic, identity = _synthetic_semantic(stage.pool_ref)
+        return (lambda index: semantic(np.asarray(stage.pool.images)[index])), identity
+    raise DatasetError(f"dataset {NAME!r}: prototypes {{from: images}} on pool {stage.pool_ref['dataset']!r} "
+                       f"need image_features.\n{LAYOUT}")
+
+
+def image_prototypes(stage: Stage) -> tuple[np.ndarray, list[str]]:
+    """Per class of the pool, the mean of the normalised embeddings of its first K images."""
+    pool, k = stage.pool, stage.prototypes["per_concept"]
+    if pool.labels is None or not pool.class_names:
+        raise DatasetError(f"dataset {NAME!r}: prototypes {{from: images}} need a pool whose images have "
+                           "class labels (they choose the images of each concept)")
+    rows_of, _ = _image_embedding(stage)
+    labels = np.asarray(pool.labels)
+    if stage.images is not None:
+        _check_rows(np.load(stage.images, mmap_mode="r", allow_pickle=False), len(labels), "image_features", "images")
+    chosen = [np.flatnonzero(labels == c)[:k] for c in range(len(pool.class_names))]
+    empty = [pool.class_names[c] for c, rows in enumerate(chosen) if not len(rows)]
+    if empty:
+        raise DatasetError(f"dataset {NAME!r}: no image of concept(s) {empty} in the pool to build "
+                           "their prototypes from")
+    groups = [np.asarray(rows_of(rows), dtype=np.float32) for rows in chosen]
+    return curation.prototypes_from_embeddings(groups), list(pool.class_names)
+
+
 def load_stage_prototypes(stage: Stage) -> tuple[np.ndarray, list[str]]:
-    """The prototypes [C, D] and concept names (built from prompts if asked)."""
+    """The prototypes [C, D] and concept names (built from images or prompts if asked)."""
     if not isinstance(stage.prototypes, dict):
         return _prototype_file(stage)
+    if prototype_recipe(stage.prototypes) == "images":
+        return image_prototypes(stage)
     pool = stage.pool
     if not pool.prompts or stage.embed is None:
         raise DatasetError(f"dataset {NAME!r}: prototypes {{from: prompts}} need a pool with class prompts "
@@ -270,7 +352,8 @@ def _read(path: Path, key: str) -> Optional[CuratedSelection]:
     try:
         with np.load(path, allow_pickle=False) as data:
             return CuratedSelection(ids=data["ids"], concepts=data["concepts"], scores=data["scores"],
-                                    counts=data["counts"], names=[str(n) for n in data["names"]], key=key)
+                                    counts=data["counts"], names=[str(n) for n in data["names"]], key=key,
+                                    cached=True)
     except (OSError, ValueError, KeyError, zipfile.BadZipFile):
         return None
 

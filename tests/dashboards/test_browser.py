@@ -74,14 +74,16 @@ def probe(page: Path, tmp_path: Path) -> dict:
 def test_every_figure_renders_without_javascript_errors(toy_run, tmp_path):
     from orchestrator.results import ResultsStore
     from tests.dashboards.test_neighbourhood_report import epoch_rows
-    ResultsStore(toy_run).write("epochs", epoch_rows(0.0, 0) + epoch_rows(10.0, 0))  # section 8
+    from tests.dashboards.test_curation_report import curation_rows
+    ResultsStore(toy_run).write("epochs", epoch_rows(0.0, 0) + epoch_rows(10.0, 0))  # section 9
+    ResultsStore(toy_run).write("curation", curation_rows())  # section 10
     page = write_report(toy_run)
     report = probe(page, tmp_path)
     assert report["errors"] == []
     sections = report["sections"]
     assert list(sections) == ["summary", "encoders", "table", "scaling", "layers", "sensitivity",
-                              "search", "health", "neighbourhood"]
-    assert sum(s["expected"] for s in sections.values()) == 12
+                              "search", "health", "neighbourhood", "curation"]
+    assert sum(s["expected"] for s in sections.values()) == 13
     for key, counts in sections.items():
         assert counts["drawn"] == counts["expected"], f"section {key}: {counts}"
 

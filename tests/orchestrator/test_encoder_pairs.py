@@ -162,8 +162,9 @@ def test_grids_name_pairs_by_label_index_or_rank(tmp_path):
      ["both 'txt-strong'", "label"]),
     (lambda d: d["encoders"]["text"][1].update(label="top2"), "encoders.text[1].label", ["rule word"]),
     (lambda d: d["encoders"].update(text=[]), "encoders.text", ["empty list"]),
-    (lambda d: d["encoder_selection"].update(protocol="freeze_align"), "encoder_selection.protocol",
-     ["not yet available", "token features", "per_layer"]),
+    (lambda d: (d["encoder_selection"].update(protocol="freeze_align"),
+                d["encoders"]["image"][1].update(name="hf:some/model")), "encoders.image[1]",
+     ["freeze_align defines the image embedding of timm and synthetic", "not 'hf'", "per_layer"]),
     (lambda d: d.update(tune={"search": "optuna", "num_samples": 2}), "search", ["one encoder pair"]),
 ])
 def test_bad_encoder_specs_are_refused_at_load(tmp_path, change, path, words):

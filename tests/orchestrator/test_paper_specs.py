@@ -26,6 +26,7 @@ SPACES = ROOT / "search_spaces"
 PAPER = SPACES / "paper"
 SPECS = sorted(SPACES.glob("*.yaml")) + sorted(PAPER.glob("*.yaml"))
 COCO_TRAIN, COCO_VAL, LAION = 82_783, 40_504, 720_000  # official train2014/val2014 first captions
+COCO_VAL2017 = 5_000  # freeze-align's probe
 # spec file -> (training pairs, trials planned (None: needs the text model's layer count))
 PAPER_SPECS = {
     "paper_main_table.yaml": (COCO_TRAIN, 45),
@@ -35,6 +36,9 @@ PAPER_SPECS = {
     "scaling_up.yaml": (COCO_TRAIN + LAION, 81),
     "distribution_shift.yaml": (COCO_TRAIN + 3 * 1000, 15),
     "model_combinations.yaml": (COCO_TRAIN, 45),  # 3 presets x 5 seeds x 3 language models
+    # a curated training set: its size is known once the selection is made (None); 18 = the
+    # count validate prints (top-pairs 12 + cka-check 6, before the 2 shared trials dedupe)
+    "freeze_align.yaml": (None, 18),
 }
 
 
@@ -62,11 +66,11 @@ def test_every_spec_validates_with_its_variables_unset(path, monkeypatch):
 # --- fake roots with the official sizes ----------------------------------------------
 
 
-def coco_annotations(folder: Path, split: str, n: int) -> None:
-    images = [{"id": i, "file_name": f"COCO_{split}2014_{i:012d}.jpg"} for i in range(n)]
+def coco_annotations(folder: Path, split: str, n: int, year: int = 2014) -> None:
+    images = [{"id": i, "file_name": f"COCO_{split}{year}_{i:012d}.jpg"} for i in range(n)]
     captions = [{"image_id": i, "caption": f"picture {i}"} for i in range(n)]
     captions += [{"image_id": i, "caption": f"picture {i} again"} for i in range(0, n, 2)]  # not first
-    (folder / f"captions_{split}2014.json").write_text(json.dumps({"images": images, "annotations": captions}))
+    (folder / f"captions_{split}{year}.json").write_text(json.dumps({"images": images, "annotations": captions}))
 
 
 @pytest.fixture(scope="module")
@@ -78,6 +82,8 @@ def fake_roots(tmp_path_factory) -> dict[str, str]:
     for split, n in (("train", COCO_TRAIN), ("val", COCO_VAL)):
         (coco / f"{split}2014").mkdir()
         coco_annotations(coco / "annotations", split, n)
+    (coco / "val2017").mkdir()
+    coco_annotations(coco / "annotations", "val", COCO_VAL2017, year=2017)
     flickr = base / "flickr30k"
     flickr.mkdir()
     (flickr / "results.csv").write_text("image_name| comment_number| comment| split\n0.jpg| 0| a| test\n")
@@ -87,8 +93,12 @@ def fake_roots(tmp_path_factory) -> dict[str, str]:
         (zero_shot / folder).mkdir(parents=True)
     laion = base / "laion.csv"
     laion.write_text("image,caption\n" + "".join(f"{i}.jpg,a\n" for i in range(LAION)))
+    curation = {"CAPTION_FEATURES": "laion_text.npy", "CONCEPT_PROTOTYPES": "prototypes.npz"}
+    for name in curation.values():  # read when the curated split loads, not by validation
+        (base / name).write_bytes(b"")
     return {"COCO_ROOT": str(coco), "FLICKR_ROOT": str(flickr), "ZERO_SHOT_ROOT": str(zero_shot),
-            "LAION_PAIRS": str(laion), "RUN_ROOT": str(base / "runs")}
+            "LAION_PAIRS": str(laion), "RUN_ROOT": str(base / "runs"),
+            **{k: str(base / v) for k, v in curation.items()}}
 
 
 def with_roots(monkeypatch, roots: dict, **extra) -> None:
@@ -108,7 +118,7 @@ def test_paper_specs_validate_against_official_sizes(name, fake_roots, monkeypat
         count = combine(count_pairs(spec, world))  # what validate prints for several pairs
     assert (count.total if count.exact else None) == trials
     printed = "\n".join(report_lines(spec, world, count))  # what `structure-sweep validate` prints
-    assert f"training split: {spec.data.train.dataset}/train, {pairs} pairs" in printed
+    assert pairs is None or f"training split: {spec.data.train.dataset}/train, {pairs} pairs" in printed
     assert "note: set" not in printed  # every variable it reads has a value
 
 
@@ -126,7 +136,10 @@ def test_a_mixture_step_larger_than_its_source_is_rejected(fake_roots, monkeypat
 
 
 def coco_sources(ref) -> list:
-    """The COCO references of a training set (itself, or a mixture's sources)."""
+    """The COCO references of a training set (itself, or a mixture's sources; none for
+    freeze-align's curated set, whose pool is not STRUCTURE's protocol)."""
+    if ref.dataset == "curated":
+        return []
     if ref.dataset == "mixture":
         return [s for s in ref.options["sources"] if s["dataset"] == "coco"]
     return [{"dataset": ref.dataset, "split": ref.split, "options": ref.options}]
@@ -137,8 +150,9 @@ def test_paper_specs_follow_the_official_protocol(name):
     spec = load_spec(PAPER / name)
     image, text = (e if isinstance(e, list) else [e] for e in (spec.encoders.image, spec.encoders.text))
     assert {e.dtype for e in image} == {"float32"} and {e.dtype for e in text} == {"bfloat16"}  # §7
-    (train,) = coco_sources(spec.data.train)
-    for ref, split in ((train, "train"), ({"split": spec.data.val.split, "options": spec.data.val.options}, "val")):
+    train = [(ref, "train") for ref in coco_sources(spec.data.train)]
+    assert len(train) == (spec.data.train.dataset != "curated")
+    for ref, split in train + [({"split": spec.data.val.split, "options": spec.data.val.options}, "val")]:
         assert ref["split"] == split and ref["options"].get("year", 2014) == 2014  # train2014 / val2014
         assert ref["options"].get("captions", "first") == "first" and "karpathy" not in ref["options"]
     retrieval = {r.dataset: r for r in spec.data.retrieval}
