@@ -25,7 +25,7 @@ from orchestrator.cluster import LOOPBACK, ray_session
 from orchestrator.curation_stage import curated_refs, record_curation
 from orchestrator.durable import DiskFull
 from orchestrator.encoder_pairs import Selection, check_probe_encoders, select_encoder_pairs
-from orchestrator.feature_store import FeatureStore
+from orchestrator.feature_store import FeatureStore, default_cache_dir
 from orchestrator.features import extract_pairs
 from orchestrator.pair_rules import trained_pairs
 from orchestrator.planning import optuna_space, plan_pairs
@@ -51,10 +51,6 @@ class SweepOutcome:
     features_cached: int
     stopped: int = 0  # early-stopped by the scheduler (counted in finished)
     tune_seconds: float = 0.0  # wall time of the Tune stage(s)
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("STRUCTURE_SWEEP_CACHE", Path.home() / ".cache" / "structure-sweep"))
 
 
 class RunDirBusy(RuntimeError):

@@ -54,6 +54,12 @@ MANIFEST = "manifest.json"
 LOCKS = ".locks"
 
 
+def default_cache_dir() -> Path:
+    """The cache root of a spec without ``cache_dir``: ``$STRUCTURE_SWEEP_CACHE``,
+    else ``~/.cache/structure-sweep`` (features, tokens and curated selections)."""
+    return Path(os.environ.get("STRUCTURE_SWEEP_CACHE") or Path.home() / ".cache" / "structure-sweep")
+
+
 def feature_key(encoder_identity: dict, split_fingerprint: str, field: str) -> str:
     return content_key([encoder_identity, split_fingerprint, field], 32)
 

@@ -34,6 +34,7 @@ def report_lines(spec: SweepSpec, world: World, count: TrialCount) -> list[str]:
     if world.train.pairs is not None:
         lines.append(f"  training split: {train.dataset}/{train.split}, {world.train.pairs} pairs "
                      f"({world.train.source})")
+    lines += [f"  {line}" for line in world.tokens]
     later = world.notes + _run_time_only(spec, count)
     lines += ["  known only at run time:"] + [f"    - {note}" for note in later] if later else []
     missing = sorted({v for _, v in unresolved_variables(spec.raw)})

@@ -25,8 +25,10 @@ from orchestrator.encoders import (
     EncoderWeightsMissing,
     UnknownEncoderError,
     describe_encoder,
+    has_token_features,
 )
 from orchestrator.env_vars import unresolved_variables
+from orchestrator.feature_store import default_cache_dir
 
 if TYPE_CHECKING:
     from orchestrator.spec import DatasetRef, SweepSpec
@@ -46,6 +48,7 @@ class World:
     candidates: dict[str, list[EncoderInfo]]  # "image"/"text" -> per candidate, in the spec's order
     train: SplitIndex
     notes: list[str] = field(default_factory=list)
+    tokens: list[str] = field(default_factory=list)  # token-cache estimates (token heads only)
 
     @property
     def encoders(self) -> dict[str, EncoderInfo]:
@@ -73,9 +76,56 @@ def check_world(spec: SweepSpec) -> World:
         _check_layer_pairs(spec, world)
         _check_n_train(spec, world)
         _check_k(spec, world)
+        world.tokens = _token_cache(spec, world)
     except SpecError as err:
         raise SpecError(err.reason, path=err.path, source=spec.source) from None
     return world
+
+
+# --- token cache ---------------------------------------------------------------------------
+
+def _token_cache(spec: SweepSpec, world: World) -> list[str]:
+    """The token cache of the training split per encoder (one token layer each; evaluation
+    sets add to it), and a SpecError when it cannot fit the cache directory's free space."""
+    from orchestrator.token_size import estimate_tokens, human_bytes, token_space_error
+
+    head = _token_head(spec)
+    if head is None:
+        return []
+    for role in ("image", "text"):
+        for i, enc in enumerate(spec.encoders.candidates(role)):
+            if not has_token_features(enc.name):
+                raise SpecError(f"head {head!r} reads token features, and encoder {enc.name!r} has none "
+                                "(timm and hf encoders have them): use one of those, or a pooled head",
+                                path=f"encoders.{spec.encoders.path(role, i)}.name")
+    n = world.train.pairs
+    if n is None:
+        return [f"token cache: unknown until the training split's size is ({world.train.source})"]
+    lines, total = [], 0
+    for role in ("image", "text"):
+        for i, enc in enumerate(spec.encoders.candidates(role)):
+            estimate = estimate_tokens(enc.name, enc.options, num_samples=n, label=enc.title)
+            if isinstance(estimate, str):
+                lines.append(f"token cache of {role} encoder {enc.title}: {estimate}")
+                continue
+            total += estimate.bytes
+            lines.append(f"token cache: {estimate.message('training pair')}")
+    cache_dir = spec.cache_dir or str(default_cache_dir())
+    error = total and token_space_error(total, cache_dir, what="the training split's token cache")
+    if error:
+        raise SpecError(f"{error} (one token layer per encoder: {'; '.join(lines)})", path="cache_dir")
+    return lines + ([f"token cache: {human_bytes(total)} in all for one token layer per encoder "
+                     f"(fits the free space of {cache_dir})"] if total else [])
+
+
+def _token_head(spec: SweepSpec) -> Optional[str]:
+    """The first head of the spec's trials that reads token features, if any."""
+    from trials.config import TrialConfig
+    from trials.head_options import needs_tokens
+
+    heads = ({**spec.training, **combo.values}.get("head", TrialConfig.head)
+             for grid in spec.search for combo in grid.combinations())
+    return next((head for head in heads if needs_tokens(head)), None)
 
 
 # --- encoders ---------------------------------------------------------------------------

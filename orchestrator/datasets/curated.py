@@ -51,7 +51,6 @@ from __future__ import annotations
 import hashlib
 import inspect
 import io
-import os
 import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -292,9 +291,10 @@ def load_stage_prototypes(stage: Stage) -> tuple[np.ndarray, list[str]]:
 
 
 def cache_root(cache_dir: Optional[str]) -> Path:
-    """Same default root as the sweep driver's (orchestrator.driver.default_cache_dir)."""
-    root = cache_dir or os.environ.get("STRUCTURE_SWEEP_CACHE") or Path.home() / ".cache" / "structure-sweep"
-    return Path(root).expanduser() / NAME
+    """Under the sweep's cache root (orchestrator.feature_store.default_cache_dir)."""
+    from orchestrator.feature_store import default_cache_dir
+
+    return Path(cache_dir or default_cache_dir()).expanduser() / NAME
 
 
 def selection_key(stage: Stage, config: curation.CurationConfig) -> str:

@@ -178,6 +178,13 @@ class TokenCount:
     detail: str = ""
 
 
+def has_token_features(name: str) -> bool:
+    """Whether encoder ``name``'s prefix extracts token features (registered ``tokens=``)."""
+    prefix, _ = split_name(name)
+    _factory(prefix)
+    return ENCODERS.meta(prefix).get("tokens") is not None
+
+
 def count_tokens(name: str, options: dict | None = None, texts: Any = None) -> TokenCount | str:
     """The prefix's ``tokens(rest, options, texts)`` (registered as metadata, like
     ``describe``): token counts of ``name`` without loading its weights; a
