@@ -100,7 +100,7 @@ def _token_cache(spec: SweepSpec, world: World) -> list[str]:
                                 path=f"encoders.{spec.encoders.path(role, i)}.name")
     n = world.train.pairs
     if n is None:
-        return [f"token cache: unknown until the training split's size is ({world.train.source})"]
+        return [f"token cache: unknown until the training split's size is known ({world.train.source})"]
     lines, total = [], 0
     for role in ("image", "text"):
         for i, enc in enumerate(spec.encoders.candidates(role)):
