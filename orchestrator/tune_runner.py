@@ -163,7 +163,9 @@ class TuneRunner:
     # --- one Tune run -----------------------------------------------------------------
 
     def _context(self) -> WorkerContext:
-        return WorkerContext(device=self.spec.tune.run_config.trial_device, report_epochs=self.asha)
+        run = self.spec.tune.run_config
+        return WorkerContext(device=run.trial_device, report_epochs=self.asha, pack=run.packing,
+                             pack_size=run.pack_size)
 
     def _fit(self, payload: WorkerPayload, space: dict, num_samples: int, searcher, *,
              total: int) -> None:
