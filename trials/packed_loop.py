@@ -18,9 +18,11 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
+import torch.nn.functional as F
 
 from trials.config import TrialConfig
-from trials.neighbourhood import PROBE_ROWS, neighbourhood_agreement, record_stride
+from trials.neighbourhood import NEIGHBOURS, PROBE_ROWS, record_stride
+from trials.similarity import _DIAG_FILL
 from trials.packed_heads import HeadStack
 from trials.packed_loss import PackedAlignmentLoss, PackedFrozenSide, packed_frozen_side
 
@@ -75,6 +77,11 @@ class PackTrainer:
         self._frozen: dict[tuple, tuple] = {}
         self._frozen_bytes = 0
         self._member_tensors()
+        # the probe's neighbourhoods in the frozen spaces: the same for every member and epoch
+        self.probe = [v[:PROBE_ROWS] for v in val]
+        self.k = min(NEIGHBOURS, len(self.probe[0]) - 1)
+        self.frozen_knn = [_knn_masks(F.normalize(p.float(), dim=-1)[None], self.k) if self.k >= 1 else None
+                           for p in self.probe]
 
     def _member_tensors(self) -> None:
         """Per-member constants on the device, remade when members leave (one small transfer)."""
@@ -208,17 +215,24 @@ class PackTrainer:
         if record or self.on_epoch is not None:
             row = {**row, "val_clip_loss": val_clip}
         if record:
-            row["nbr_image"] = neighbourhood_agreement(self.val[0][:PROBE_ROWS], probe[0][i])
-            row["nbr_text"] = neighbourhood_agreement(self.val[1][:PROBE_ROWS], probe[1][i])
+            row["nbr_image"], row["nbr_text"] = probe[0][i], probe[1][i]
             member.rows.append(dict(row))
         return row
 
     @torch.no_grad()
     def _probe_outputs(self, epoch: int):
-        """Every head on the probe rows, when some member records this epoch."""
+        """``trials.neighbourhood.neighbourhood_agreement`` of every member's heads on the probe
+        rows (image, text lists of floats), when some member records this epoch."""
         if not any(epoch % record_stride(m.config.epochs) == 0 for m in self.active):
             return None
-        return [self.stack.forward(k, self.val[k][:PROBE_ROWS]) for k in (0, 1)]
+        if self.k < 1:  # fewer than two probe rows: no neighbour exists
+            return [[math.nan] * len(self.active)] * 2
+        scores = []
+        for k, frozen in enumerate(self.frozen_knn):
+            aligned = F.normalize(self.stack.forward(k, self.probe[k]).float(), dim=-1)
+            both = frozen & _knn_masks(aligned, self.k)
+            scores.append(both.sum(2).double().mean(1) / self.k)
+        return torch.stack(scores).tolist()
 
     def _drop_stopped(self) -> None:
         """Members that stopped get their best weights back and leave the stack."""
@@ -234,3 +248,11 @@ class PackTrainer:
             self.stack.select_(index)
             self.rows = [r.index_select(0, index) for r in self.rows]
             self._member_tensors()
+
+
+def _knn_masks(x: torch.Tensor, k: int) -> torch.Tensor:
+    """``trials.similarity``'s kNN membership per member: [P, n, d] -> bool [P, n, n], self excluded."""
+    gram = torch.bmm(x, x.transpose(1, 2))
+    gram.diagonal(dim1=1, dim2=2).fill_(_DIAG_FILL)
+    indices = gram.topk(k, dim=2).indices
+    return torch.zeros(gram.shape, dtype=torch.bool, device=x.device).scatter_(2, indices, True)
