@@ -93,3 +93,24 @@ def test_tune_pack_settings_parse_and_check():
         TuneSpec.parse({"pack": "always"}, "tune")
     with pytest.raises(SpecError, match="pack_size"):
         TuneSpec.parse({"pack_size": 0}, "tune")
+
+
+def test_tasks_put_trials_of_one_shape_together():
+    from orchestrator.planning import PlannedTrial
+    from orchestrator.tune_runner import group_tasks
+    from trials.config import TrialConfig
+
+    # planned order alternates two shapes (n_train 64 / 32) and an unpackable head
+    trials = [PlannedTrial(f"t{i}", "g", TrialConfig(n_train=(64, 32, 64, 32, 64, 32)[i], seed=i,
+                                                    head="mlp" if i == 2 else "linear"))
+              for i in range(6)]
+    tasks = group_tasks(trials, 3)
+    assert all(len(task) <= 3 for task in tasks)
+    flat = [t for task in tasks for t in task]
+    assert sorted(t.fingerprint for t in flat) == [t.fingerprint for t in trials]
+    def shapes_of(t):
+        return t.config.head, t.config.n_train
+    shapes = [shapes_of(t) for t in flat]
+    changes = sum(a != b for a, b in zip(shapes, shapes[1:]))
+    assert changes == 2 and shapes[-1] == ("mlp", 64)  # each shape contiguous, unpackable last
+    assert [t.fingerprint for t in flat if shapes_of(t) == ("linear", 64)] == ["t0", "t4"]  # planned order kept
