@@ -14,7 +14,8 @@ read-time deduplication), then runs the spec again and checks nothing re-ran.
 Both runs share one local Ray cluster.
 
     .venv/bin/python benchmarks/bench_sweep_overhead.py              # 1,080 trials
-    .venv/bin/python benchmarks/bench_sweep_overhead.py --trials-per-task 12
+    .venv/bin/python benchmarks/bench_sweep_overhead.py --trials-per-task 12 --pack off
+    .venv/bin/python benchmarks/bench_sweep_overhead.py --trials-per-task 12   # packs of 12
     .venv/bin/python benchmarks/bench_sweep_overhead.py --smoke-test  # 9 trials
 """
 
@@ -37,7 +38,7 @@ from orchestrator.driver import run_sweep  # noqa: E402
 
 
 def bench_spec(root: Path, seeds: int, concurrency: int, per_task: int,
-               smoke: bool = False) -> dict:
+               smoke: bool = False, pack: str = "auto") -> dict:
     return {
         "name": "bench-overhead",
         "encoders": {"image": {"name": "synthetic:image", "batch_size": 512,
@@ -54,12 +55,12 @@ def bench_spec(root: Path, seeds: int, concurrency: int, per_task: int,
         "search": [{"name": "cheap", "layers": "all", "seed": list(range(seeds)),
                     "structure_lambda": [10] if smoke else [0, 1, 10],
                     "temperature": [0.05] if smoke else [0.05, 0.1]}],
-        "tune": {"max_concurrent_trials": concurrency, "trials_per_task": per_task},
+        "tune": {"max_concurrent_trials": concurrency, "trials_per_task": per_task, "pack": pack},
         "output_dir": str(root / "run"), "cache_dir": str(root / "cache"),
     }
 
 
-def report(outcome, rows, concurrency: int, per_task: int, total: float) -> None:
+def report(outcome, rows, concurrency: int, per_task: int, total: float, pack: str) -> None:
     n = len(rows)
     compute = float(rows["trial_seconds"].sum())
     train = float(rows["train_seconds"].sum())
@@ -72,7 +73,7 @@ def report(outcome, rows, concurrency: int, per_task: int, total: float) -> None
           f"Tune stage wall {wall:.1f} s, {n / wall:.1f} trials/s")
     print(f"trial compute: Σ {compute:.1f} s ({1000 * compute / n:.1f} ms/trial; "
           f"of which train+eval {1000 * train / n:.1f} ms), slots {concurrency}, "
-          f"trials per Tune trial {per_task}")
+          f"trials per Tune trial {per_task}, pack {pack} (a pack's wall time is shared among its trials)")
     print(f"per-trial overhead: {1000 * overhead / n:.1f} ms "
           f"({100 * overhead / wall:.0f}% of the Tune stage's wall time)")
 
@@ -82,6 +83,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=20, help="9 pairs x 6 x seeds trials")
     parser.add_argument("--concurrency", type=int, default=1)
     parser.add_argument("--trials-per-task", type=int, default=1)
+    parser.add_argument("--pack", choices=("auto", "off"), default="auto",
+                        help="tune.pack: the trials of a task train as one pack (auto) or one by one")
     parser.add_argument("--smoke-test", action="store_true",
                         help="1 seed, 1 λ, 1 temperature (9 trials): checks that it runs")
     args = parser.parse_args()
@@ -89,13 +92,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp, ray_session(num_cpus=2, log=lambda *_: None):
         root = Path(tmp)
         (root / "spec.yaml").write_text(yaml.safe_dump(bench_spec(
-            root, seeds, args.concurrency, args.trials_per_task, smoke=args.smoke_test)))
+            root, seeds, args.concurrency, args.trials_per_task, smoke=args.smoke_test, pack=args.pack)))
         spec = load_spec(root / "spec.yaml")
         started = time.monotonic()
         outcome = run_sweep(spec, log=lambda *_: None)
         total = time.monotonic() - started
         rows = ResultsStore(spec.run_dir).query("trials", dedup=False)
-        report(outcome, rows, args.concurrency, args.trials_per_task, total)
+        report(outcome, rows, args.concurrency, args.trials_per_task, total, args.pack)
         again = run_sweep(spec, log=lambda *_: None)
         print(f"second run: {again.finished} trials ran, {again.skipped} skipped; store rows "
               f"{len(ResultsStore(spec.run_dir).query('trials', dedup=False))}")

@@ -41,6 +41,7 @@ from orchestrator.schema import ASHA_METRIC, fair_objective, finished_statuses
 from orchestrator.spec import SweepSpec
 from orchestrator.status import write_plan
 from orchestrator.worker import OptunaGridTask, TrialTask, WorkerContext, WorkerPayload, trainable
+from trials.packed import pack_key
 
 
 @dataclass
@@ -165,7 +166,9 @@ class TuneRunner:
     # --- one Tune run -----------------------------------------------------------------
 
     def _context(self) -> WorkerContext:
-        return WorkerContext(device=self.spec.tune.run_config.trial_device, report_epochs=self.asha,
+        run = self.spec.tune.run_config
+        return WorkerContext(device=run.trial_device, report_epochs=self.asha, pack=run.packing,
+                             pack_size=run.pack_size,
                              token_memory_budget_gb=self.spec.tokens.memory_budget_gb)
 
     def _fit(self, payload: WorkerPayload, space: dict, num_samples: int, searcher, *,
@@ -244,13 +247,22 @@ def waves(pending: list[PlannedTrial], features: FeatureSet, store: FeatureStore
 
 
 def group_tasks(pending: list[PlannedTrial], size: int) -> list[list[PlannedTrial]]:
-    """Tune trials of up to ``size`` planned trials sharing one layer pair."""
+    """Tune trials of up to ``size`` planned trials sharing one layer pair; within a pair,
+    trials of one shape (``trials.packed.pack_key``) come together, so a task's trials
+    form as few packs as possible."""
     if size <= 1:
         return [[t] for t in pending]
     by_pair = defaultdict(list)
     for t in pending:
         by_pair[(t.config.image_layer, t.config.text_layer)].append(t)
+    for group in by_pair.values():
+        group.sort(key=_shape)  # stable: planned order within a shape
     return [group[k:k + size] for group in by_pair.values() for k in range(0, len(group), size)]
+
+
+def _shape(trial: PlannedTrial) -> tuple[bool, str]:
+    key = pack_key(trial.config)
+    return key is None, repr(key)  # repr: keys mix None and numbers, which do not compare
 
 
 def _pairs(trials: list[PlannedTrial]) -> list[tuple[int, int]]:

@@ -56,6 +56,10 @@ class RunConfig:
     max_failures: int = 1  # retries of a failed trial before it is recorded as failed
     device: str = "auto"  # where a trial trains its heads; auto: cuda if gpus_per_trial > 0
     trials_per_task: int = 1  # >1: cheap trials of one layer pair run in one Tune trial
+    # auto: the trials of a task that share shapes (trials.packed.pack_key) train as one
+    # batched computation; the same numbers (within 1e-5), so on by default. off: one by one.
+    pack: Literal["auto", "off"] = "auto"
+    pack_size: Optional[int] = None  # most trials per pack; null: the task's, capped by memory
     flush_seconds: float = 1.0  # results are written at least this often
     # Features one wave of trials may hold in Ray's object store (GB); past it
     # the grid runs in waves of image layers. null: half the object store.
@@ -64,6 +68,7 @@ class RunConfig:
     def __post_init__(self):
         if self.trials_per_task < 1:
             raise SpecError(f"must be >= 1, got {self.trials_per_task}", path="trials_per_task")
+        check_min(self.pack_size, 1, "pack_size")
         if self.max_failures < 0:
             raise SpecError("must be >= 0", path="max_failures")
         if self.cpus_per_trial <= 0 or self.gpus_per_trial < 0:
@@ -73,6 +78,10 @@ class RunConfig:
         check_min(self.flush_seconds, 0, "flush_seconds", strict=True)
         check_min(self.feature_memory_gb, 0, "feature_memory_gb", strict=True)
         check_device(self.device, "device")
+
+    @property
+    def packing(self) -> bool:
+        return self.pack == "auto"
 
     @property
     def trial_device(self) -> str:

@@ -7,6 +7,14 @@ whole worker, a plain function of the task, the sweep's features and a
 tested without Ray. :func:`trainable` is the thin Tune wrapper: it fetches
 from Ray's object store (zero-copy) and reports through ``tune.report``.
 
+Trials of a task that share shapes (:func:`trials.packed.pack_key`) train as
+packs, one batched computation each (:func:`trials.packed.run_pack`): the
+same numbers as one by one, one row per trial with its own fingerprint. A
+pack holds at most ``tune.pack_size`` trials (default: the whole group),
+capped by :func:`pack_cap`'s memory budget. Per-epoch reports (ASHA) need one
+trial per Tune trial, so tasks that report epochs never pack; ASHA already
+forces ``trials_per_task: 1``.
+
 Everything trials of one Tune run share (feature keys, object refs, the
 tasks or the Optuna space, the device) is one :class:`WorkerPayload`, put in
 the object store once by the driver and fetched once per trial process; the
@@ -16,16 +24,20 @@ Tune config of a trial only selects its task.
 from __future__ import annotations
 
 import json
+import os
 import socket
 import time
 import traceback
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
+import torch
+
 from orchestrator.features import FeatureSet, Fetch, trial_data
 from orchestrator.planning import OptunaSpace, PlannedTrial, materialize
 from orchestrator.schema import ASHA_METRIC, DONE, FAILED
 from trials.head_options import needs_tokens
+from trials.packed import member_bytes, pack_key, run_pack
 from trials.token_trial import TokenTrialData, run_token_trial
 from trials.trial import EPOCH_ROWS, TrialData, run_trial
 
@@ -33,6 +45,8 @@ from trials.trial import EPOCH_ROWS, TrialData, run_trial
 # options): a retry would fail the same way, so they become a failed row at once.
 DETERMINISTIC_ERRORS = (ValueError, FloatingPointError)
 ERROR_CHARS = 4000  # the tail of a traceback kept in a failed row
+# Share of free device memory (GPU) or available RAM (CPU) one pack may plan to use
+PACK_MEMORY_SHARE = {"cuda": 0.5, "cpu": 0.25}
 
 # Keys of a trial's final report (read back by orchestrator.results_sink).
 TRIAL_COMPLETE = "trial_complete"  # present only in the final report
@@ -46,11 +60,15 @@ Report = Callable[[dict], None]
 
 @dataclass(frozen=True)
 class WorkerContext:
-    """How trials run: on which device, and whether they report every epoch
-    (``val_loss`` and ``val_clip_loss``, the latter ASHA's metric)."""
+    """How trials run: on which device, whether they report every epoch
+    (``val_loss`` and ``val_clip_loss``, the latter ASHA's metric), whether
+    trials of one shape train as packs, and at most how many per pack
+    (None: every trial of the group, within the memory cap)."""
 
     device: str = "cpu"
     report_epochs: bool = False
+    pack: bool = True
+    pack_size: Optional[int] = None
     token_memory_budget_gb: float = 4.0  # token sets beyond it are streamed (spec: tokens.memory_budget_gb)
 
 
@@ -123,17 +141,28 @@ def run_task(task: TrialTask, features: FeatureSet, fetch: Fetch,
     started = time.time()
     inputs = _TaskInputs(task, features, fetch, context, train)
     on_epoch = _epoch_reporter(report) if context.report_epochs and report else None
+    packing = (context.pack and train is run_trial and on_epoch is None and len(task.trials) > 1
+               and any(pack_key(t.config) is not None for t in task.trials))
+    outcomes: dict[int, tuple] = {}  # trial index -> (status, error, metrics, start, end, seconds)
+    units = plan_packs(task.trials, inputs.pooled(), context) if packing else [[i] for i in range(len(task.trials))]
+    for unit in units:
+        if len(unit) > 1:
+            outcomes.update(_run_pack(unit, task.trials, inputs.pooled(), context.device))
+        for i in unit:  # single trials, and the members of a pack that failed as a whole
+            if i not in outcomes:
+                t0 = time.time()
+                data, trial_fn = inputs.of(task.trials[i])
+                status, error, metrics = _attempt(task.trials[i], data, context.device, on_epoch, trial_fn,
+                                                  reraise=len(task.trials) == 1)
+                end = time.time()
+                outcomes[i] = (status, error, metrics, t0, end, end - t0)
     rows, host = [], socket.gethostname()
-    for trial in task.trials:
-        t0 = time.time()
-        data, trial_fn = inputs.of(trial)
-        status, error, metrics = _attempt(trial, data, context.device, on_epoch, trial_fn,
-                                          reraise=len(task.trials) == 1)
-        end = time.time()
+    for i, trial in enumerate(task.trials):
+        status, error, metrics, t0, end, seconds = outcomes[i]
         metrics[EPOCHS_JSON] = json.dumps(metrics.pop(EPOCH_ROWS, []))
         rows.append({"fingerprint": trial.fingerprint, "status": status, "error": error,
                      **metrics, "started_at": t0, "finished_at": end, "host": host,
-                     "trial_seconds": end - (started if not rows else t0)})  # 1st: with the fetch
+                     "trial_seconds": seconds + (t0 - started if i == 0 else 0.0)})  # 1st: with the fetch
     return rows
 
 
@@ -156,9 +185,59 @@ class _TaskInputs:
                 self._tokens = token_trial_data(self.features, *self.task.layers,
                                                 self.context.token_memory_budget_gb)
             return self._tokens, run_token_trial
+        return self.pooled(), self.train
+
+    def pooled(self) -> TrialData:
         if self._pooled is None:
             self._pooled = trial_data(self.features, self.fetch, *self.task.layers)
-        return self._pooled, self.train
+        return self._pooled
+
+
+def plan_packs(trials: tuple[PlannedTrial, ...], data: TrialData, context: WorkerContext) -> list[list[int]]:
+    """The task's trials as units to run, by index: packs of equal :func:`~trials.packed.pack_key`
+    (at most ``context.pack_size`` and :func:`pack_cap` each) and single trials, in task order."""
+    groups: dict[Any, list[int]] = {}
+    for i, trial in enumerate(trials):
+        key = pack_key(trial.config)
+        groups.setdefault(("alone", i) if key is None else key, []).append(i)
+    units = []
+    for members in groups.values():
+        size = min(context.pack_size or len(members), pack_cap(trials[members[0]].config, data, context.device))
+        units += [members[k:k + size] for k in range(0, len(members), max(size, 1))]
+    return sorted(units)
+
+
+def pack_cap(config, data: TrialData, device: str) -> int:
+    """How many members of ``config``'s shape fit the memory budget: a share
+    (:data:`PACK_MEMORY_SHARE`) of the free GPU memory, or of the available RAM."""
+    kind = torch.device(device).type
+    if kind == "cuda":
+        free = torch.cuda.mem_get_info(torch.device(device))[0]
+    else:
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    share = PACK_MEMORY_SHARE.get(kind, PACK_MEMORY_SHARE["cpu"])
+    per_member = member_bytes(config, data.train_image.shape[1], data.train_text.shape[1], len(data.train_image))
+    return max(1, int(share * free // per_member))
+
+
+def _run_pack(members: list[int], trials, data: TrialData, device: str) -> dict[int, tuple]:
+    """Outcomes of one pack by trial index; empty when the pack failed as a whole (e.g. out of
+    memory): its members then run one by one, as they would unpacked."""
+    t0 = time.time()
+    try:
+        results = run_pack(data, [trials[i].config for i in members], device=device)
+    except Exception:  # noqa: BLE001 (the fallback is the unpacked path, with its own error rules)
+        return {}
+    end = time.time()
+    share = (end - t0) / len(members)
+    outcomes = {}
+    for i, result in zip(members, results):
+        if isinstance(result, Exception):
+            error = "".join(traceback.format_exception(result))[-ERROR_CHARS:]
+            outcomes[i] = (FAILED, error, {}, t0, end, share)
+        else:
+            outcomes[i] = (DONE, "", result, t0, end, share)
+    return outcomes
 
 
 def _attempt(trial: PlannedTrial, data: Any, device: str, on_epoch, train: Train,

@@ -1,0 +1,258 @@
+"""The training loop of a pack: :func:`trials.train.train_alignment`'s loop, for P members at once.
+
+Everything a member sees is what its trial alone sees in :mod:`trials.train`:
+its own batch order (a ``torch.Generator`` seeded with its seed), λ warm-up,
+periodic cosine schedule, per-head gradient clipping and AdamW, the
+in-order validation batches, its strict best-epoch rule and patience. The
+pack only shares the step counter (members start together) and the
+validation rows. Per-step scalars (λ, 1 − lr·wd, −lr/(1 − β1^t)) are made on
+the host in double, as torch's optimiser and scheduler make them, and moved
+to the device once per epoch; the epoch's losses are read once per epoch.
+Members that stop leave the stack at the end of the epoch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from trials.config import TrialConfig
+from trials.neighbourhood import NEIGHBOURS, PROBE_ROWS, record_stride
+from trials.similarity import _DIAG_FILL
+from trials.packed_heads import HeadStack
+from trials.packed_loss import PackedAlignmentLoss, PackedFrozenSide, packed_frozen_side
+
+# Bytes of the frozen half of R_S on validation batches a pack caches (as trials.fast_loop)
+VALIDATION_CACHE_BYTES = 2 * 1024**3
+
+OnMemberEpoch = Callable[[int, int, dict], Optional[bool]]  # (member, epoch, row) -> stop?
+
+
+@dataclass
+class PackMember:
+    """One trial of a pack: its config, modules, rows and RNG, and the state of its early stopping."""
+
+    index: int  # its position in the caller's list
+    config: TrialConfig
+    heads: tuple  # (image, text) nn.Modules; the best weights are written back into them
+    train: tuple  # (image, text) rows of its subsample, on the device
+    generator: torch.Generator
+    n_used: int
+    lr: float = math.nan
+    epochs_run: int = 0
+    rows: list = field(default_factory=list)  # recorded epoch rows, as EpochRecorder keeps them
+    best_epoch: int = -1
+    best_val_loss: float = math.inf
+    worse_epochs: int = 0
+    stopped: str = ""  # "" while it trains
+
+    def lam(self, steps: int) -> float:
+        """``AlignmentLoss.structure_lambda`` after ``steps`` calls of ``step()``."""
+        base, warmup = float(self.config.structure_lambda), self.config.warmup_steps
+        if steps == 0 or warmup <= 0:
+            return base
+        return base * min(1.0, (steps - 1) / warmup)
+
+
+class PackTrainer:
+    """Trains the members of one pack until each has stopped; :meth:`run` is the whole loop."""
+
+    def __init__(self, members: list[PackMember], val: tuple, on_epoch: Optional[OnMemberEpoch] = None):
+        first = members[0].config
+        self.active, self.val, self.on_epoch = list(members), val, on_epoch
+        self.device = val[0].device
+        self.train_config = first.train_config(str(self.device))  # the shared optimiser settings
+        self.stack = HeadStack(first.head, [m.heads[0] for m in members], [m.heads[1] for m in members])
+        self.rows = [torch.stack([m.train[k] for m in members]) for k in (0, 1)]
+        self.loss = PackedAlignmentLoss(
+            normalize_latents=first.normalize_latents, paper_sum=first.paper_sum,
+            structure_options=dict(levels=first.structure_levels, weighting=first.structure_weighting,
+                                   margin=first.structure_margin, centering=first.structure_centering,
+                                   center_first=first.structure_center_first))
+        self.steps = 0  # optimiser steps so far, the same for every member still training
+        self._frozen: dict[tuple, tuple] = {}
+        self._frozen_bytes = 0
+        self._member_tensors()
+        # the probe's neighbourhoods in the frozen spaces: the same for every member and epoch
+        self.probe = [v[:PROBE_ROWS] for v in val]
+        self.k = min(NEIGHBOURS, len(self.probe[0]) - 1)
+        self.frozen_knn = [_knn_masks(F.normalize(p.float(), dim=-1)[None], self.k) if self.k >= 1 else None
+                           for p in self.probe]
+
+    def _member_tensors(self) -> None:
+        """Per-member constants on the device, remade when members leave (one small transfer)."""
+        self.temperature = torch.tensor([m.config.temperature for m in self.active], dtype=torch.float64,
+                                        device=self.device)
+        self.clip = torch.tensor([float(m.config.grad_clip) for m in self.active], device=self.device)
+
+    def run(self) -> None:
+        epoch = 0
+        while self.active:
+            table, lambdas, corrections, last_lrs = self._schedule()
+            train_loss = self._train_epoch(table, lambdas, corrections)
+            val_loss, val_clip = self._validate(table[-1, 0], lambdas[-1])
+            values = torch.stack([train_loss, val_loss, val_clip]).tolist()  # the epoch's one read
+            self._end_epoch(epoch, *values, last_lrs)
+            epoch += 1
+
+    # --- one epoch ---------------------------------------------------------------------
+
+    def _schedule(self):
+        """This epoch's per-step scalars, as torch's LambdaLR, AdamW and the λ warm-up make them.
+
+        Returns a [steps + 1, 3, P] float32 table (λ, 1 − lr·wd, −lr/(1 − β1^t); the
+        last row's λ is the validation's), λ per step as Python floats, √(1 − β2^t)
+        per step, and each member's last learning rate (the epoch row's ``lr``).
+        """
+        config, n = self.train_config, len(self.rows[0][0])
+        beta1, beta2 = config.betas
+        t_max = config.scheduler_epoch_cycles * max(n // config.batch_size, 1)
+        table, lambdas, corrections, lrs = [], [], [], []
+        for k in range(self.steps, self.steps + math.ceil(n / config.batch_size)):
+            factor = 1.0 if config.scheduler == "none" else 0.5 * (1 + math.cos(math.pi * k / t_max))
+            lrs = [m.lr * factor for m in self.active]
+            lambdas.append([m.lam(k + 1) for m in self.active])
+            correction1 = 1 - beta1 ** (k + 1)
+            table.append([lambdas[-1], [1 - lr * m.config.weight_decay for lr, m in zip(lrs, self.active)],
+                          [-(lr / correction1) for lr in lrs]])
+            corrections.append((1 - beta2 ** (k + 1)) ** 0.5)
+        end = self.steps + len(lambdas)
+        lambdas.append([m.lam(end) for m in self.active])
+        table.append([lambdas[-1], lambdas[-1], lambdas[-1]])
+        as_tensor = torch.tensor(table, dtype=torch.float64).to(self.device, torch.float32)
+        return as_tensor, lambdas, corrections, lrs
+
+    def _train_epoch(self, table, lambdas, corrections) -> torch.Tensor:
+        config, p = self.train_config, len(self.active)
+        n = self.rows[0].shape[1]
+        order = torch.stack([torch.randperm(n, generator=m.generator, device=self.device) for m in self.active])
+        member = torch.arange(p, device=self.device)[:, None]
+        clipping = any(m.config.grad_clip for m in self.active)
+        total, count = torch.zeros(p, device=self.device), 0
+        for step, start in enumerate(range(0, n, config.batch_size)):
+            idx = order[:, start:start + config.batch_size]
+            x_img, x_txt = self.rows[0][member, idx], self.rows[1][member, idx]
+            loss, _ = self.loss(self.stack.forward(0, x_img), self.stack.forward(1, x_txt), x_img, x_txt,
+                                self.temperature, lambdas[step], table[step, 0])
+            grads = list(torch.autograd.grad(loss.sum(), self.stack.params))  # members never mix
+            if clipping:
+                self.stack.clip_(grads, self.clip)
+            self.stack.adamw_(grads, table[step, 1], table[step, 2], corrections[step], config.betas,
+                              config.eps)
+            total, count = total + loss.detach() * idx.shape[1], count + idx.shape[1]
+        self.steps += len(corrections)
+        return total / count
+
+    @torch.no_grad()
+    def _validate(self, lambda_t: torch.Tensor, lambdas: list) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sample-weighted mean loss and its CLIP part over the in-order validation batches."""
+        val_image, val_text = self.val
+        p, bs = len(self.active), self.train_config.batch_size
+        total, clip_total = torch.zeros(p, device=self.device), torch.zeros(p, device=self.device)
+        for start in range(0, len(val_image), bs):
+            x_img, x_txt = val_image[start:start + bs], val_text[start:start + bs]
+            frozen = self._val_frozen(start, x_img, x_txt) if any(lam > 0 for lam in lambdas) else None
+            loss, clip = self.loss(self.stack.forward(0, x_img), self.stack.forward(1, x_txt), x_img, x_txt,
+                                   self.temperature, lambdas, lambda_t, frozen=frozen)
+            total, clip_total = total + loss * len(x_img), clip_total + clip * len(x_img)
+        count = max(len(val_image), 1)
+        return total / count, clip_total / count
+
+    def _val_frozen(self, start: int, x_img, x_txt) -> tuple:
+        """The frozen half of R_S of one validation batch for every member: one per temperature,
+        made once per pack (within :data:`VALIDATION_CACHE_BYTES`) and shared as views."""
+        sides = [self._frozen_for(start, x_img, x_txt, t) for t in (m.config.temperature for m in self.active)]
+        if all(s is sides[0] for s in sides):
+            return tuple(side.expand(len(sides)) for side in sides[0])
+        return tuple(PackedFrozenSide.cat([s[k] for s in sides]) for k in (0, 1))
+
+    def _frozen_for(self, start: int, x_img, x_txt, temperature: float) -> tuple:
+        key = (start, temperature)
+        if key in self._frozen:
+            return self._frozen[key]
+        options = {k: v for k, v in self.loss.structure_options.items() if k in ("levels", "centering", "center_first")}
+        t = torch.tensor([temperature], dtype=torch.float64, device=self.device)
+        sides = tuple(packed_frozen_side(x[None], t, **options) for x in (x_img, x_txt))
+        size = sum(x.numel() * x.element_size() for side in sides for x in side.half_p + side.log_p)
+        if self._frozen_bytes + size <= VALIDATION_CACHE_BYTES:
+            self._frozen[key], self._frozen_bytes = sides, self._frozen_bytes + size
+        return sides
+
+    # --- after the epoch: each member's own bookkeeping ---------------------------------
+
+    def _end_epoch(self, epoch: int, train_losses, val_losses, val_clips, last_lrs) -> None:
+        improved = []
+        probe = self._probe_outputs(epoch)
+        for i, m in enumerate(self.active):
+            train_value, val_value = train_losses[i], val_losses[i]
+            row = {"epoch": epoch, "train_loss": train_value, "val_loss": val_value, "lr": last_lrs[i],
+                   "structure_lambda": m.lam(self.steps)}
+            m.epochs_run += 1
+            if val_value < m.best_val_loss:  # strict, as the official trainer
+                m.best_epoch, m.best_val_loss = epoch, val_value
+                improved.append(i)
+            m.worse_epochs = m.worse_epochs + 1 if not val_value <= m.best_val_loss else 0
+            row = self._record(m, i, epoch, row, val_clips[i], probe)
+            if self.on_epoch is not None and self.on_epoch(m.index, epoch, dict(row)):
+                m.stopped = "callback"
+            elif not math.isfinite(train_value) and not math.isnan(last_lrs[i]):
+                m.stopped = "diverged"
+            elif m.worse_epochs >= m.config.patience:
+                m.stopped = "early_stopping"
+            elif epoch + 1 >= m.config.epochs:
+                m.stopped = "max_epochs"
+        if improved:
+            self.stack.keep_best_(torch.tensor(improved, device=self.device))
+        self._drop_stopped()
+
+    def _record(self, member: PackMember, i: int, epoch: int, row: dict, val_clip: float, probe) -> dict:
+        """``trials.neighbourhood.EpochRecorder``'s row: val_clip_loss, and nbr on recorded epochs."""
+        record = epoch % record_stride(member.config.epochs) == 0
+        if record or self.on_epoch is not None:
+            row = {**row, "val_clip_loss": val_clip}
+        if record:
+            row["nbr_image"], row["nbr_text"] = probe[0][i], probe[1][i]
+            member.rows.append(dict(row))
+        return row
+
+    @torch.no_grad()
+    def _probe_outputs(self, epoch: int):
+        """``trials.neighbourhood.neighbourhood_agreement`` of every member's heads on the probe
+        rows (image, text lists of floats), when some member records this epoch."""
+        if not any(epoch % record_stride(m.config.epochs) == 0 for m in self.active):
+            return None
+        if self.k < 1:  # fewer than two probe rows: no neighbour exists
+            return [[math.nan] * len(self.active)] * 2
+        scores = []
+        for k, frozen in enumerate(self.frozen_knn):
+            aligned = F.normalize(self.stack.forward(k, self.probe[k]).float(), dim=-1)
+            both = frozen & _knn_masks(aligned, self.k)
+            scores.append(both.sum(2).double().mean(1) / self.k)
+        return torch.stack(scores).tolist()
+
+    def _drop_stopped(self) -> None:
+        """Members that stopped get their best weights back and leave the stack."""
+        keep = [i for i, m in enumerate(self.active) if not m.stopped]
+        if len(keep) == len(self.active):
+            return
+        for i, m in enumerate(self.active):
+            if m.stopped:
+                self.stack.write_best(i, *m.heads)
+        self.active = [self.active[i] for i in keep]
+        if self.active:
+            index = torch.tensor(keep, device=self.device)
+            self.stack.select_(index)
+            self.rows = [r.index_select(0, index) for r in self.rows]
+            self._member_tensors()
+
+
+def _knn_masks(x: torch.Tensor, k: int) -> torch.Tensor:
+    """``trials.similarity``'s kNN membership per member: [P, n, d] -> bool [P, n, n], self excluded."""
+    gram = torch.bmm(x, x.transpose(1, 2))
+    gram.diagonal(dim1=1, dim2=2).fill_(_DIAG_FILL)
+    indices = gram.topk(k, dim=2).indices
+    return torch.zeros(gram.shape, dtype=torch.bool, device=x.device).scatter_(2, indices, True)
