@@ -21,6 +21,7 @@ from dashboards import encoders as E
 from dashboards import figures as F
 from dashboards import html as H
 from dashboards.curation import curation_section
+from dashboards.departures import departure_counts, departures_html
 from dashboards.findings import claims
 from dashboards.neighbourhood import neighbourhood_section
 
@@ -47,10 +48,11 @@ def summary_section(run: D.RunData) -> H.Section:
             ("versions", ", ".join(f"{k} {v}" for k, v in s["versions"].items()))]
     lead = ("What was run and where it stands. The spec fingerprint identifies the exact "
             "resolved spec; versions are those recorded in the store, then of the environment "
-            "that wrote this report.")
+            "that wrote this report. The departures are the named options by which the finished "
+            "trials left the official code's behaviour, and how many trials used each.")
+    blocks = [H.key_values(rows), departures_html(departure_counts(run.all_done, run.spec))]
     return H.Section("summary", "1. Summary and provenance",
-                     [H.key_values(rows), H.spec_html(run.spec)] if run.spec else [H.key_values(rows)],
-                     lead=lead)
+                     blocks + ([H.spec_html(run.spec)] if run.spec else []), lead=lead)
 
 
 def _wall(t: dict) -> str:
