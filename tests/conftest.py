@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 import orchestrator  # noqa: F401 -- sets Ray's environment (loopback) before any test imports ray
+from processes import descendants, start_time
 
 _DEFAULT = Path(__file__).parents[1].parent / "shared/reference/reference_vectors.json"
 # A copy kept in the repo, so a clone without shared/ still checks every case.
@@ -100,40 +101,6 @@ def ray_cluster():
 # --- `structure-sweep` as a subprocess, with its own Ray (fault and loopback tests) -------
 
 ROOT = Path(__file__).parents[1]
-
-
-def descendants(pid: int) -> list[int]:
-    """Every process below ``pid`` (from /proc: Ray's head processes and workers)."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry.name))
-    out, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
-    return out
-
-
-def start_time(pid: int) -> int | None:
-    """The process's start time (clock ticks since boot): with the pid, its identity
-    (a pid alone may be reused by another process once it exits)."""
-    try:
-        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
-    except (OSError, IndexError, ValueError):
-        return None
-
-
-def cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
 
 
 def _wait_for(predicate, timeout: float, run: "CliRun | None" = None, step: float = 0.2,

@@ -24,33 +24,9 @@ import pytest
 import yaml
 
 from orchestrator.results import ResultsStore
+from processes import cmdline, descendants
 
 ROOT = Path(__file__).parents[2]
-
-
-def descendants(pid: int) -> list[int]:
-    """Every process below ``pid`` (from /proc; Ray's head processes and workers)."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry.name))
-    out, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
-    return out
-
-
-def cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
 
 
 def kill(pid: int) -> None:
