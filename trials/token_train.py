@@ -33,7 +33,7 @@ from trials.token_projector import (
     pooled_original,
 )
 from trials.tokens import TokenPairs
-from trials.train import TrainResult, _restore, _rng_devices, _snapshot
+from trials.train import EpochBook, TrainResult, _rng_devices
 from trials.train_options import TrainConfig
 
 BETAS, EPS = (0.9, 0.999), 1e-8  # torch's AdamW defaults, which timm's factory keeps
@@ -128,7 +128,8 @@ def train_token_projector(model: TokenProjector, loss_fn: LearnableTemperatureLo
 
 def _fit(run: _Run, gen, on_epoch) -> TrainResult:
     config, modules = run.config, (run.model, run.loss_fn)
-    result, best_state, worse_epochs = TrainResult(lr=config.lr), _snapshot(modules), 0
+    result = TrainResult(lr=config.lr)
+    book = EpochBook(modules, config.patience, result)
     for epoch in range(config.epochs):
         train_loss, last_lr = _train_epoch(run, epoch, torch.randperm(len(run.train), generator=gen))
         val_loss, val_clip = _validate(run)
@@ -137,20 +138,9 @@ def _fit(run: _Run, gen, on_epoch) -> TrainResult:
         row = {"epoch": epoch, "train_loss": train_value, "val_loss": val_value, "lr": last_lr,
                "structure_lambda": float(run.loss_fn.structure_lambda), "val_clip_loss": clip_value,
                "temperature": temp}
-        result.history.append(row)
-        if val_value < result.best_val_loss:  # strict, as the pooled loop
-            result.best_epoch, result.best_val_loss, best_state = epoch, val_value, _snapshot(modules)
-        worse_epochs = worse_epochs + 1 if not val_value <= result.best_val_loss else 0
-        if on_epoch is not None and on_epoch(epoch, dict(row)):
-            result.stopped = "callback"
+        if book.end_epoch(epoch, row, on_epoch):
             break
-        if not math.isfinite(train_value) and not math.isnan(last_lr):
-            result.stopped = "diverged"
-            break
-        if worse_epochs >= config.patience:
-            result.stopped = "early_stopping"
-            break
-    _restore(modules, best_state)
+    book.restore_best()
     return result
 
 

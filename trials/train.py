@@ -43,6 +43,41 @@ class TrainResult:
     stopped: str = "max_epochs"  # "early_stopping" | "callback" | "diverged" | "max_epochs"
 
 
+class EpochBook:
+    """What every training loop does after an epoch: record its row, keep the best
+    epoch's weights (a strictly lower validation loss, as the official trainer) and
+    decide whether to stop: the caller's ``on_epoch`` returned True, the training
+    loss diverged, or ``patience`` epochs in a row were worse than the best."""
+
+    def __init__(self, modules, patience: int, result: TrainResult):
+        self.modules, self.patience, self.result = modules, patience, result
+        self.best_state, self.worse_epochs = _snapshot(modules), 0
+
+    def end_epoch(self, epoch: int, row: dict, on_epoch=None) -> bool:
+        """Book ``row`` (with ``train_loss``, ``val_loss``, ``lr``); True: stop now."""
+        result, val_value = self.result, row["val_loss"]
+        result.history.append(row)
+        if val_value < result.best_val_loss:
+            result.best_epoch, result.best_val_loss, self.best_state = epoch, val_value, _snapshot(self.modules)
+        # early stopping (fork reconstruction): only a strictly worse loss counts;
+        # ours: a non-finite one counts as worse too (the official never stops on NaN)
+        self.worse_epochs = self.worse_epochs + 1 if not val_value <= result.best_val_loss else 0
+        if on_epoch is not None and on_epoch(epoch, dict(row)):
+            result.stopped = "callback"
+        # ours: a non-finite training loss means the weights are gone; waiting `patience`
+        # more epochs cannot bring them back (NaN lr: no step ran, nothing diverged)
+        elif not math.isfinite(row["train_loss"]) and not math.isnan(row["lr"]):
+            result.stopped = "diverged"
+        elif self.worse_epochs >= self.patience:
+            result.stopped = "early_stopping"
+        else:
+            return False
+        return True
+
+    def restore_best(self) -> None:
+        _restore(self.modules, self.best_state)
+
+
 # ------------------------------------------------------------------ the loop
 
 
@@ -97,7 +132,8 @@ def _fit(heads, loss_fn, data, extras, config, gen, on_epoch) -> TrainResult:
                                   betas=config.betas, eps=config.eps, weight_decay=config.weight_decay)
     scheduler = _scheduler(optimizer, config, len(train_image))
     mix_rng = np.random.default_rng(config.seed)
-    result, best_state, worse_epochs = TrainResult(lr=lr), _snapshot(heads), 0
+    result = TrainResult(lr=lr)
+    book = EpochBook(heads, config.patience, result)
     for epoch in range(config.epochs):
         train_loss, last_lr = _train_epoch(heads, loss_fn, optimizer, scheduler, train_image,
                                            train_text, extras, config, gen, mix_rng)
@@ -105,24 +141,9 @@ def _fit(heads, loss_fn, data, extras, config, gen, on_epoch) -> TrainResult:
         train_value, val_value = torch.stack([train_loss, val_loss]).tolist()  # the epoch's one sync
         row = {"epoch": epoch, "train_loss": train_value, "val_loss": val_value, "lr": last_lr,
                "structure_lambda": float(loss_fn.structure_lambda)}
-        result.history.append(row)
-        if val_value < result.best_val_loss:  # strict, as the official trainer
-            result.best_epoch, result.best_val_loss, best_state = epoch, val_value, _snapshot(heads)
-        # early stopping (fork reconstruction): only a strictly worse loss counts;
-        # ours: a non-finite one counts as worse too (the official never stops on NaN)
-        worse_epochs = worse_epochs + 1 if not val_value <= result.best_val_loss else 0
-        if on_epoch is not None and on_epoch(epoch, dict(row)):
-            result.stopped = "callback"
+        if book.end_epoch(epoch, row, on_epoch):
             break
-        # ours: a non-finite training loss means the weights are gone; waiting `patience`
-        # more epochs cannot bring them back (NaN last_lr: no step ran, nothing diverged)
-        if not math.isfinite(train_value) and not math.isnan(last_lr):
-            result.stopped = "diverged"
-            break
-        if worse_epochs >= config.patience:
-            result.stopped = "early_stopping"
-            break
-    _restore(heads, best_state)
+    book.restore_best()
     return result
 
 
