@@ -76,6 +76,14 @@ def report(outcome, rows, concurrency: int, per_task: int, total: float, pack: s
           f"trials per Tune trial {per_task}, pack {pack} (a pack's wall time is shared among its trials)")
     print(f"per-trial overhead: {1000 * overhead / n:.1f} ms "
           f"({100 * overhead / wall:.0f}% of the Tune stage's wall time)")
+    # the overhead's two parts: before the first trial starts (Tune's set-up and the trial
+    # processes' start: a Ray worker importing Ray Tune and torch), and between trials
+    running = float(rows["finished_at"].max() - rows["started_at"].min())
+    start_up = wall - running
+    steady = running - compute / concurrency
+    print(f"of which start-up (Tune stage start to the first trial's start) {start_up:.1f} s, "
+          f"then {1000 * steady / n:.1f} ms/trial between trials "
+          f"({100 * steady / running:.0f}% of the {running:.1f} s after the start-up)")
 
 
 def main() -> None:

@@ -84,9 +84,15 @@ class SweepMetrics:
         self._changed()
 
     def trial_ended(self, status: str, result: dict) -> None:
-        self.progress.trial_ended(status, result)
-        counter = "trials_failed" if status == FAILED else "trials_finished"
-        self.series[counter].inc(1.0, self.tags)
+        self.trials_ended([(status, result)])
+
+    def trials_ended(self, ended: list[tuple[str, dict]]) -> None:
+        """Trials that ended together (a task's): one update of each series, one ``on_change``."""
+        self.progress.trials_ended(ended)
+        failed = sum(status == FAILED for status, _ in ended)
+        for counter, count in (("trials_failed", failed), ("trials_finished", len(ended) - failed)):
+            if count:
+                self.series[counter].inc(float(count), self.tags)
         self._changed()
 
     def _changed(self) -> None:

@@ -16,6 +16,7 @@ Ray-free: ``dashboards`` and tests import it without a cluster.
 
 from __future__ import annotations
 
+import bisect
 import math
 import re
 import time
@@ -44,10 +45,15 @@ class TrialLine(str):
 def window_rate(end_times, now: float, since: float, window: float = RATE_WINDOW_S) -> float | None:
     """Trials per minute over the last ``window`` seconds (or since ``since``
     when that is later); None before a trial ended or before time passed."""
-    span = min(window, now - since)
-    if span <= 0 or not end_times:
+    if not end_times:
         return None
-    return sum(1 for t in end_times if t >= now - window) * 60.0 / span
+    return _per_minute(sum(1 for t in end_times if t >= now - window), now, since, window)
+
+
+def _per_minute(recent: int, now: float, since: float, window: float) -> float | None:
+    """``recent`` ends in the window as a rate (see :func:`window_rate`)."""
+    span = min(window, now - since)
+    return None if span <= 0 else recent * 60.0 / span
 
 
 def format_duration(seconds: float | None) -> str:
@@ -88,6 +94,11 @@ class SweepProgress:
 
     def trial_retried(self) -> None:
         self.running = max(0, self.running - 1)
+
+    def trials_ended(self, ended: list[tuple[str, dict]]) -> None:
+        """Several trials ended at once (the planned trials of one task): (status, result) each."""
+        for status, result in ended:
+            self.trial_ended(status, result)
 
     def trial_ended(self, status: str, result: dict) -> None:
         self.running = max(0, self.running - 1)
@@ -130,9 +141,12 @@ class SweepProgress:
     @property
     def rate_per_minute(self) -> float | None:
         """Ended trials (done, stopped or failed) per minute, over the rate window."""
-        if self.started_at is None:
+        if self.started_at is None or not self._ends:
             return None
-        return window_rate(self._ends, self.clock(), self.started_at, self.window)
+        now = self.clock()
+        # the ends are in time order: count the window's by bisection, not one by one
+        recent = len(self._ends) - bisect.bisect_left(self._ends, now - self.window)
+        return _per_minute(recent, now, self.started_at, self.window)
 
     @property
     def eta_seconds(self) -> float | None:

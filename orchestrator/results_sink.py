@@ -81,12 +81,14 @@ class ResultsSink(Callback):
         if not result.get(TRIAL_COMPLETE):
             if self.scheduled_stops and "val_loss" in result:
                 last = {k: result.get(k) for k in ("val_loss", ASHA_METRIC, "epoch")}
-                return self._add(trial, planned[0], STOPPED, last, "")
+                return self._add_all(trial, [(planned[0], STOPPED, last, "")])
             return self._add_failures(trial, planned, "trial ended without a final result")
+        ended = []
         for one, row in zip(planned, report_rows(result)):
             status, error = row.pop("status", DONE), row.pop("error", "")
             self.epoch_buffer.extend(epoch_rows(one, row.pop(EPOCHS_JSON, None)))
-            self._add(trial, one, status, row, error)
+            ended.append((one, status, row, error))
+        self._add_all(trial, ended)
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self._add_failures(trial, self.describe(trial.config), _error_text(trial))
@@ -99,26 +101,28 @@ class ResultsSink(Callback):
         self.flush()
 
     def _add_failures(self, trial, planned: Sequence[PlannedTrial], error: str):
-        for one in planned:
-            self._add(trial, one, FAILED, {}, error)
+        self._add_all(trial, [(one, FAILED, {}, error) for one in planned])
 
-    def _add(self, trial, planned: PlannedTrial, status: str, result: dict, error: str):
-        self._count(status, result)
-        row = store_row(planned, status, result, error,
-                        retries=int(getattr(trial, "num_failures", 0) or 0))
-        self.buffer.append(row)
-        self._log_row(row, status, error)
+    def _add_all(self, trial, ended: list[tuple[PlannedTrial, str, dict, str]]):
+        """The rows of one Tune trial's planned trials (planned, status, result, error):
+        buffered and logged one by one, then told to the monitor as one event."""
+        retries = int(getattr(trial, "num_failures", 0) or 0)
+        for planned, status, result, error in ended:
+            self._count(status)
+            row = store_row(planned, status, result, error, retries=retries)
+            self.buffer.append(row)
+            self._log_row(row, status, error)
+        if self.monitor:
+            self.monitor.trials_ended([(status, result) for _, status, result, _ in ended])
         if time.monotonic() - self.last_flush > self.flush_seconds:
             self.flush()
 
-    def _count(self, status: str, result: dict):
+    def _count(self, status: str):
         if status == FAILED:
             self.failed += 1
         else:
             self.finished += 1
             self.stopped += status == STOPPED
-        if self.monitor:
-            self.monitor.trial_ended(status, result)
 
     def _log_row(self, row: dict, status: str, error: str):
         """One line per ended trial, tagged (:class:`TrialLine`) so a progress
@@ -152,7 +156,9 @@ class ResultsSink(Callback):
 def store_row(planned: PlannedTrial, status: str, result: dict, error: str,
               retries: int = 0) -> dict:
     """The ``trials`` row of one planned trial: identity, config columns, metrics."""
-    config = dataclasses.asdict(planned.config)
+    # fields read as they are (dataclasses.asdict deep-copies each value): _scalar makes
+    # dicts and lists JSON text, and TrialConfig nests no dataclass
+    config = {f.name: getattr(planned.config, f.name) for f in dataclasses.fields(planned.config)}
     return {"fingerprint": planned.fingerprint, "grid": planned.grid, "status": status,
             "error": error, "retries": retries, "params": planned.params,
             "layer_rule": planned.layer_rule, "similarity_n": planned.similarity_n,

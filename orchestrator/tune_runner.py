@@ -19,11 +19,10 @@ resume (the results store is), so it lives in a throw-away directory.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
-import math
 import shutil
 import tempfile
+import threading
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -40,6 +39,7 @@ from orchestrator.results_sink import ResultsSink
 from orchestrator.schema import ASHA_METRIC, fair_objective, finished_statuses
 from orchestrator.spec import SweepSpec
 from orchestrator.status import write_plan
+from orchestrator.tune_search import TaskQueue, optuna_searcher
 from orchestrator.worker import OptunaGridTask, TrialTask, WorkerContext, WorkerPayload, trainable
 from trials.packed import pack_key
 
@@ -136,7 +136,7 @@ class TuneRunner:
         pooled = [t.layers for t in tasks if not all(needs_tokens(p.config.head) for p in t.trials)]
         refs = put_layers(self.store, features, pooled)  # token heads read the token store
         payload = WorkerPayload(features, refs, self._context(), tasks=tasks)
-        self._fit(payload, {"task": _grid_search(len(tasks))}, 1, None, total=len(wave))
+        self._fit(payload, len(tasks), TaskQueue(len(tasks)), total=len(wave))
         # this wave's layers leave the object store (refs dropped) before the next are put
 
     # --- optuna path ------------------------------------------------------------------
@@ -161,7 +161,7 @@ class TuneRunner:
         payload = WorkerPayload(self.features, refs, self._context(),
                                 optuna=OptunaGridTask(self.spec.training, grid.name, space))
         searcher = optuna_searcher(self.spec, param_space(space), grid.finished)
-        self._fit(payload, {}, grid.remaining, searcher, total=grid.remaining)
+        self._fit(payload, grid.remaining, searcher, total=grid.remaining)
 
     # --- one Tune run -----------------------------------------------------------------
 
@@ -169,10 +169,10 @@ class TuneRunner:
         run = self.spec.tune.run_config
         return WorkerContext(device=run.trial_device, report_epochs=self.asha, pack=run.packing,
                              pack_size=run.pack_size,
+                             objective=fair_objective(self.spec.tune.search_config.metric),
                              token_memory_budget_gb=self.spec.tokens.memory_budget_gb)
 
-    def _fit(self, payload: WorkerPayload, space: dict, num_samples: int, searcher, *,
-             total: int) -> None:
+    def _fit(self, payload: WorkerPayload, num_samples: int, searcher, *, total: int) -> None:
         """One ``tune.Tuner`` run over ``payload``'s trials; rows go to the store."""
         import ray
 
@@ -182,7 +182,7 @@ class TuneRunner:
                            monitor=self.monitor, log=self.log,
                            flush_seconds=self.spec.tune.run_config.flush_seconds, scheduled_stops=self.asha)
         storage = tempfile.mkdtemp(prefix="structure-sweep-tune-")
-        tuner = self._tuner(shared, space, num_samples, searcher, sink, storage)
+        tuner = self._tuner(shared, num_samples, searcher, sink, storage)
         started = time.monotonic()
         try:
             with _quiet_logger("ray.tune"):  # our store replaces Tune's per-trial result files
@@ -190,11 +190,10 @@ class TuneRunner:
         finally:
             sink.flush()
             self.tally.seconds += time.monotonic() - started
-            shutil.rmtree(storage, ignore_errors=True)
+            remove_in_background(storage)
         self.tally.add(sink)
 
-    def _tuner(self, shared, space: dict, num_samples: int, searcher, sink: ResultsSink,
-               storage: str):
+    def _tuner(self, shared, num_samples: int, searcher, sink: ResultsSink, storage: str):
         from ray import tune
 
         spec = self.spec
@@ -202,7 +201,6 @@ class TuneRunner:
         trainable_ = tune.with_parameters(trainable, shared=[shared])  # a list: Tune keeps the ref
         return tune.Tuner(
             tune.with_resources(trainable_, resources),
-            param_space=space,
             tune_config=tune.TuneConfig(reuse_actors=True, num_samples=num_samples,
                                         search_alg=searcher, scheduler=asha_scheduler(spec),
                                         max_concurrent_trials=concurrency(spec)),
@@ -269,12 +267,6 @@ def _pairs(trials: list[PlannedTrial]) -> list[tuple[int, int]]:
     return [(t.config.image_layer, t.config.text_layer) for t in trials]
 
 
-def _grid_search(n: int):
-    from ray import tune
-
-    return tune.grid_search(list(range(n)))
-
-
 # --- features in the object store -----------------------------------------------------------
 
 def _layers_by_key(features: FeatureSet, pairs: list[tuple[int, int]]) -> dict[str, set[int]]:
@@ -333,6 +325,16 @@ def asha_scheduler(spec: SweepSpec):
                          stop_last_trials=False)  # a trial that reaches max_t finishes
 
 
+def remove_in_background(path: str) -> threading.Thread:
+    """Delete Tune's throw-away directory without holding up the driver: it holds a
+    directory per Tune trial, ~2 ms each to remove on a busy disk (2 s per 1,000). Not
+    a daemon thread: the interpreter waits for it before it exits."""
+    thread = threading.Thread(target=shutil.rmtree, args=(path,), kwargs={"ignore_errors": True},
+                              name="tune-storage-cleanup")
+    thread.start()
+    return thread
+
+
 @contextlib.contextmanager
 def _quiet_logger(name: str):
     logger = logging.getLogger(name)
@@ -358,35 +360,3 @@ def optuna_grids(spec: SweepSpec, results: ResultsStore, include_stopped: bool) 
         out.append(OptunaGrid(grid, name, grid.sample_count(spec.tune.search_config.num_samples),
                               finished))
     return out
-
-
-def _warm_start(finished, metric: str) -> dict:
-    """Optuna's points_to_evaluate/evaluated_rewards from stored trials with a value."""
-    points, rewards = [], []
-    if not finished.empty and metric in finished.columns:
-        for _, row in finished.iterrows():
-            value = row[metric]
-            if row.get("params") and isinstance(value, float) and not math.isnan(value):
-                points.append(json.loads(row["params"]))
-                rewards.append(value)
-    return {"points_to_evaluate": points, "evaluated_rewards": rewards} if points else {}
-
-
-def optuna_searcher(spec: SweepSpec, space: dict, finished):
-    """A seeded TPE searcher over ``space`` (a Tune search space), told the stored trials."""
-    from optuna.samplers import TPESampler
-    from ray.tune.search.optuna import OptunaSearch
-
-    class _FinalOnly(OptunaSearch):
-        """Optuna learns from final results; per-epoch reports (val_loss) are ASHA's."""
-
-        def on_trial_result(self, trial_id, result):
-            if self.metric in result:
-                super().on_trial_result(trial_id, result)
-
-    # best_val_loss contains λ·R_S: Optuna learns from its CLIP part instead (same mode, min)
-    metric, mode = fair_objective(spec.tune.search_config.metric), spec.tune.search_config.mode
-    # A resumed search draws a fresh random stream (same seed would repeat old draws).
-    seed = spec.tune.search_config.seed + len(finished)
-    return _FinalOnly(space, metric=metric, mode=mode, sampler=TPESampler(seed=seed),
-                      **_warm_start(finished, metric))

@@ -50,7 +50,7 @@ PACK_MEMORY_SHARE = {"cuda": 0.5, "cpu": 0.25}
 
 # Keys of a trial's final report (read back by orchestrator.results_sink).
 TRIAL_COMPLETE = "trial_complete"  # present only in the final report
-ROWS_JSON = "rows_json"  # a task of several trials: every row, as JSON
+ROWS_JSON = "rows_json"  # every row of a task, as one JSON text
 EPOCHS_JSON = "epochs_json"  # in each row: the trial's recorded epoch rows, as JSON text
 #   (text, not a list: Tune's loggers flatten results; the sink writes them to ``epochs``)
 
@@ -63,12 +63,14 @@ class WorkerContext:
     """How trials run: on which device, whether they report every epoch
     (``val_loss`` and ``val_clip_loss``, the latter ASHA's metric), whether
     trials of one shape train as packs, and at most how many per pack
-    (None: every trial of the group, within the memory cap)."""
+    (None: every trial of the group, within the memory cap); ``objective``:
+    the metric a searcher learns from (a number in :func:`final_report`)."""
 
     device: str = "cpu"
     report_epochs: bool = False
     pack: bool = True
     pack_size: Optional[int] = None
+    objective: Optional[str] = None
     token_memory_budget_gb: float = 4.0  # token sets beyond it are streamed (spec: tokens.memory_budget_gb)
 
 
@@ -260,11 +262,20 @@ def _epoch_reporter(report: Report):
     return on_epoch
 
 
-def final_report(rows: list[dict]) -> dict:
-    """The last ``tune.report`` of a task: its one row, or every row as JSON."""
-    if len(rows) == 1:
-        return {**rows[0], TRIAL_COMPLETE: True}
-    return {TRIAL_COMPLETE: True, ROWS_JSON: json.dumps(rows)}
+def final_report(rows: list[dict], objective: Optional[str] = None) -> dict:
+    """The last ``tune.report`` of a task: every row as one JSON text, and the
+    ``objective`` of a one-row task (what Optuna learns from) as a number.
+
+    Rows travel as text, not as numbers of the result, because Tune keeps
+    running statistics of every number a trial reports and serialises them
+    (pickling each) whenever it saves its experiment state: ~3 ms of the
+    driver per Tune trial for a row's metrics. The store is read from the text.
+    """
+    report = {TRIAL_COMPLETE: True, ROWS_JSON: json.dumps(rows)}
+    value = rows[0].get(objective) if objective and len(rows) == 1 else None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        report[objective] = value
+    return report
 
 
 def report_rows(result: dict) -> list[dict]:
@@ -300,4 +311,4 @@ def trainable(config: dict, shared: list) -> None:
     rows = run_task(payload.task(config), payload.features,
                     lambda key, layer: ray.get(payload.refs[key][layer]),
                     payload.context, report=tune.report)
-    tune.report(final_report(rows))
+    tune.report(final_report(rows, payload.context.objective))

@@ -69,6 +69,20 @@ def test_the_rate_window_forgets_an_old_pace():
     assert p.rate_per_minute == pytest.approx(2.0)  # only the last 60 s count
 
 
+def test_the_progress_rate_counts_as_window_rate_does():
+    # SweepProgress counts its (time-ordered) ends by bisection; window_rate counts any list
+    clock = FakeClock()
+    p = SweepProgress(METRIC, clock=clock, window=60)
+    p.planned(1000)
+    p.trial_started()
+    ends = []
+    for step in [0.5] * 50 + [7.0] * 10 + [0.0] * 5 + [61.0] + [2.0] * 3:
+        end(p, clock, step)
+        ends.append(clock.now)
+        clock.now += 0.25  # asked between ends: the window's edge moves
+        assert p.rate_per_minute == pytest.approx(window_rate(ends, clock.now, p.started_at, 60))
+
+
 def test_best_follows_the_mode_and_skips_missing_values():
     clock = FakeClock()
     for mode, values, best in (("max", [0.3, 0.7, 0.5], 0.7), ("min", [0.3, 0.1, 0.5], 0.1)):
@@ -216,6 +230,13 @@ def test_sweep_metrics_export_the_progress_and_tell_the_display(monkeypatch):
                    "trials_pending": 0, "trials_finished": 1, "trials_failed": 1,
                    "trials_per_minute": pytest.approx(2.0), "best_metric": 0.5}
     assert seen and all(s is metrics.progress for s in seen)
+    # a task's trials end together: one update of each series and one redraw for all of them
+    metrics.planned(5)
+    before = len(seen)
+    metrics.trials_ended([(DONE, {METRIC: 0.9}), (FAILED, {}), (DONE, {METRIC: 0.1})])
+    got = {name[len(PREFIX):]: v for name, v in values.items()}
+    assert (got["trials_finished"], got["trials_failed"], got["best_metric"]) == (3, 2, 0.9)
+    assert got["trials_pending"] == 0 and len(seen) == before + 1
 
 
 # --- status --watch ------------------------------------------------------------------------------

@@ -133,11 +133,22 @@ def test_a_row_carries_its_recorded_epochs_as_json(features):
 
 
 def test_final_report_round_trips_one_or_many_rows():
-    one = [{"fingerprint": "a", "status": DONE, "zs/x/top1": 0.5}]
-    assert final_report(one)[TRIAL_COMPLETE] and ROWS_JSON not in final_report(one)
-    assert report_rows(final_report(one))[0]["zs/x/top1"] == 0.5
+    one = [{"fingerprint": "a", "status": DONE, "zs/x/top1": 0.5, "best_epoch": 3}]
+    assert final_report(one)[TRIAL_COMPLETE] and report_rows(final_report(one)) == one
     many = one + [{"fingerprint": "b", "status": FAILED, "error": "boom"}]
     assert final_report(many)[TRIAL_COMPLETE] and report_rows(final_report(many)) == many
+
+
+def test_a_final_report_shows_tune_no_metric_but_a_one_row_tasks_objective():
+    # Tune keeps (and pickles, at every experiment save) statistics of each number reported:
+    # the rows travel as text; a searcher still finds its objective as a number
+    one = [{"fingerprint": "a", "status": DONE, "zs/x/top1": 0.5, "best_val_clip_loss": 1.25}]
+    assert set(final_report(one)) == {TRIAL_COMPLETE, ROWS_JSON}
+    assert final_report(one, "best_val_clip_loss")["best_val_clip_loss"] == 1.25
+    failed = [{"fingerprint": "a", "status": FAILED, "error": "boom"}]
+    assert set(final_report(failed, "best_val_clip_loss")) == {TRIAL_COMPLETE, ROWS_JSON}
+    two = one + [{"fingerprint": "b", "status": DONE, "best_val_clip_loss": 1.0}]
+    assert "best_val_clip_loss" not in final_report(two, "best_val_clip_loss")  # grid tasks: no searcher
 
 
 def test_a_task_holds_trials_of_one_layer_pair():
