@@ -105,7 +105,7 @@ def test_batches_open_paths_for_images_only(tmp_path):
     assert _batch(np.ones((2, 3)), "image").shape == (2, 3)
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(600)  # fails fast: well below the suite's hang guard
 def test_encoder_asking_for_a_gpu_on_a_cpu_cluster_fails_fast_and_clearly(ray_cluster, tmp_path, tiny):
     import yaml
 

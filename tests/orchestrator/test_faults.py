@@ -145,7 +145,6 @@ def kill_encoder_mid_entry(features: Path, times: int, stop: threading.Event,
     return killed
 
 
-@pytest.mark.timeout(900)
 def test_encoder_actor_killed_mid_extraction_fails_clearly_and_the_next_run_completes(
         ray_cluster, tmp_path, tiny, capsys, wait_for):
     spec = str(write_spec(tmp_path, tiny, layers="similar", slow_image_encoder=True))
@@ -197,7 +196,6 @@ def two_nodes():
     cluster.shutdown()
 
 
-@pytest.mark.timeout(900)
 def test_node_lost_mid_sweep_reschedules_its_trials_and_stores_each_once(
         tmp_path, tiny, two_nodes, sweep_cli, wait_for):
     cluster, worker = two_nodes
@@ -270,7 +268,6 @@ def fill_once_rows_are_stored(run_dir: Path, stop: threading.Event) -> Path | No
     return None
 
 
-@pytest.mark.timeout(900)
 def test_disk_full_while_flushing_stops_clearly_and_resume_finishes(
         ray_cluster, tmp_path, tiny, small_filesystem, capsys, wait_for):
     run_dir = small_filesystem
@@ -324,7 +321,6 @@ def test_a_damaged_part_file_is_named_never_skipped(tmp_path, how):
         assert err.value.path == victim and "mv " in str(err.value)
 
 
-@pytest.mark.timeout(900)
 def test_damaged_part_file_status_says_what_to_do_and_resume_recomputes_it(
         ray_cluster, tmp_path, tiny):
     spec = write_spec(tmp_path, tiny, epochs=3)

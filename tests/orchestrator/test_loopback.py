@@ -16,7 +16,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 import yaml
 
 from orchestrator.cluster import is_loopback
@@ -101,7 +100,6 @@ def tiny_run_spec(tmp_path: Path, tiny: dict) -> Path:
     return path
 
 
-@pytest.mark.timeout(600)
 def test_a_self_started_cluster_listens_on_loopback_only(tmp_path, tiny, sweep_cli, wait_for):
     run = sweep_cli("run", str(tiny_run_spec(tmp_path, tiny)), "--num-cpus", "2", "--no-report",
                     "--dashboard")
