@@ -113,7 +113,7 @@ def _official_loss(a_img, a_txt, x_img, x_txt, lam, levels, temperature):
     """CLIPLoss.forward (§2): normalised latents, symmetric CE, λ·mean of the two R_S."""
     a_img, a_txt = _official_safe_norm(a_img), _official_safe_norm(a_txt)
     logits = a_img @ a_txt.T / temperature
-    labels = torch.arange(len(logits))
+    labels = torch.arange(len(logits), device=logits.device)
     loss = 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
     if lam > 0:
         loss = loss + lam * 0.5 * (_official_structure_reg(x_img, a_img, levels, temperature)
