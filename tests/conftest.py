@@ -19,7 +19,12 @@ from pathlib import Path
 
 import pytest
 
-import orchestrator  # noqa: F401 -- sets Ray's environment (loopback) before any test imports ray
+# Ray starts its workers at nice 15: beside other busy processes (a loaded CI
+# machine) they get ~4% of a core each and a sweep test crawls for an hour.
+# Tests run them at the driver's priority so their time tracks the fair share.
+os.environ.setdefault("RAY_worker_niceness", "0")
+
+import orchestrator  # noqa: F401,E402 -- sets Ray's environment (loopback) before any test imports ray
 from processes import descendants, start_time
 
 _DEFAULT = Path(__file__).parents[1].parent / "shared/reference/reference_vectors.json"
