@@ -12,7 +12,9 @@ Vocabulary used here:
   store one matrix per training subsample, see :mod:`dashboards.matrices`),
   "last" (the last pair), else "Li/Tj".
 - *method*: ``<head> + <layer> [+ R_S]`` (R_S: structure_lambda > 0), the
-  paper's row names. When a run has several non-zero λ the λ is added.
+  paper's row names. When a run has several non-zero λ the λ is added; when
+  grids vary the training split (``train_data``), its label is too:
+  ``linear + similar [method=random]`` (``[data.train]``: the spec's own).
 - *family*: a method without its R_S part (``<head> + <layer>``).
 - *baseline*: ``<head> + last`` without R_S, the paper's reference row.
 """
@@ -33,7 +35,7 @@ from dashboards.matrices import (SEED, own_label_conditions, own_pairs, run_pair
                                  similarity_matrix, similarity_metrics, special_pairs,
                                  with_own_pairs)
 from orchestrator.results import ResultsStore
-from orchestrator.schema import headline_metric
+from orchestrator.schema import TRAIN_DATA, headline_metric
 
 IMAGE, TEXT, LAMBDA = "config/image_layer", "config/text_layer", "config/structure_lambda"
 HEAD, N_TRAIN = "config/head", "n_train_used"
@@ -150,11 +152,20 @@ def with_methods(trials: pd.DataFrame, pairs: dict[str, tuple[int, int]]) -> pd.
     """``trials`` plus columns layer, family, method and baseline (see module doc)."""
     if not has_columns(trials, IMAGE, TEXT, HEAD):
         return trials.iloc[0:0].assign(layer="", family="", method="", baseline="")
-    head = trials[HEAD].astype(str)
+    head, split = trials[HEAD].astype(str), split_labels(trials)
     layer = layer_labels(trials, pairs)
-    family = head + " + " + layer
-    return trials.assign(layer=layer, family=family, method=family + rs_labels(trials),
-                         baseline=head + " + last")
+    family = head + " + " + layer + split
+    return trials.assign(layer=layer, family=family,
+                         method=head + " + " + layer + rs_labels(trials) + split,
+                         baseline=head + " + last" + split)
+
+
+def split_labels(trials: pd.DataFrame) -> pd.Series:
+    """" [<train_data>]" per trial when the run trained on several training splits, else ""."""
+    split = trials[TRAIN_DATA].fillna("") if TRAIN_DATA in trials else pd.Series("", index=trials.index)
+    if split.nunique() < 2:
+        return pd.Series("", index=trials.index)
+    return " [" + split.replace("", "data.train") + "]"
 
 
 def named_methods(frame: pd.DataFrame) -> pd.DataFrame:
@@ -356,7 +367,7 @@ def correlation(points: pd.DataFrame) -> dict[str, float]:
 __all__ = ["RunData", "MetricColumn", "load_run", "has_columns", "table_columns",
            "similarity_metrics", "similarity_matrix", "special_pairs", "run_pairs", "own_pairs",
            "selection_of",
-           "layer_labels", "rs_labels", "with_methods", "named_methods", "method_labels", "table_n_train",
+           "layer_labels", "rs_labels", "split_labels", "with_methods", "named_methods", "method_labels", "table_n_train",
            "paper_table", "relative_improvement", "scaling_curves", "pairs_to_match",
            "label_efficiency", "layer_accuracy", "similarity_vs_accuracy", "correlation",
            "headline_metric"]

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from dashboards.data import HEAD, LAMBDA, N_TRAIN, has_columns, named_methods, with_methods
+from dashboards.data import HEAD, LAMBDA, N_TRAIN, has_columns, named_methods, split_labels, with_methods
 from dashboards.diagnostics import rs_gain
 
 SEED = "config/seed"
@@ -21,7 +21,7 @@ SEED = "config/seed"
 def rs_gain_on_similar(done: pd.DataFrame, pairs: dict, metric: str) -> pd.DataFrame:
     """R_S's gain on each head's most similar pair at each N (the largest λ run)."""
     gain = rs_gain(done, pairs, metric)
-    gain = gain[gain["family"].str.endswith(" + similar")]
+    gain = gain[gain["family"].str.contains(" + similar", regex=False)]  # "[split]" may follow
     if gain.empty:
         return gain
     return gain[gain["lam"] == gain.groupby("family")["lam"].transform("max")].reset_index(drop=True)
@@ -34,6 +34,7 @@ def similar_vs_last(done: pd.DataFrame, pairs: dict, metric: str) -> pd.DataFram
     if not has_columns(frame, LAMBDA, N_TRAIN, metric) or frame.empty:
         return pd.DataFrame(columns=columns)
     frame = frame[frame[LAMBDA].fillna(0) == 0]
+    frame = frame.assign(**{HEAD: frame[HEAD].astype(str) + split_labels(frame)})  # one per training split
     table = frame.pivot_table(index=[HEAD, N_TRAIN], columns="layer", values=metric, aggfunc="mean")
     if not {"similar", "last"} <= set(table.columns):
         return pd.DataFrame(columns=columns)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from orchestrator.schema import TRAIN_DATA
 from trials.selection import select_layers
 
 N_TRAIN, SEED, IMAGE, TEXT = "n_train_used", "config/seed", "config/image_layer", "config/text_layer"
@@ -117,16 +118,20 @@ def own_pairs(trials: pd.DataFrame, similarity: pd.DataFrame, spec: dict | None)
     """Per trial, the similar and last pairs of ITS matrix (columns :data:`OWN`).
 
     Per-trial runs: the matrix of the trial's subsample (``n_train_used``,
-    ``config/seed``); NaN where none is stored (the report then uses the run's
-    overall pairs). Other runs: all NaN (the overall pairs are theirs).
+    ``config/seed``) of its training split (``train_data``, where grids vary
+    it); NaN where none is stored (the report then uses the run's overall
+    pairs). Other runs: all NaN (the overall pairs are theirs).
     """
     out = pd.DataFrame(np.nan, index=trials.index, columns=[c for rule in RULES for c in OWN[rule]])
     metrics = similarity_metrics(similarity, spec)
     if selection_of(spec) != "per_trial" or not metrics or not _has(trials, N_TRAIN, SEED):
         return out
-    for (n, seed), group in trials.groupby([N_TRAIN, SEED]):
-        matrix = similarity_matrix(similarity, metrics[0], selection="per_trial", n_train=n,
-                                   seeds=[seed], strict=True)
+    split_of = lambda frame: (frame[TRAIN_DATA].fillna("") if TRAIN_DATA in frame  # noqa: E731
+                              else pd.Series("", index=frame.index))
+    splits = split_of(similarity)
+    for (n, seed, split), group in trials.groupby([trials[N_TRAIN], trials[SEED], split_of(trials)]):
+        matrix = similarity_matrix(similarity[splits == split], metrics[0], selection="per_trial",
+                                   n_train=n, seeds=[seed], strict=True)
         for rule, pair in special_pairs(matrix, seed=int(seed)).items():
             out.loc[group.index, list(OWN[rule])] = pair
     return out

@@ -25,13 +25,15 @@ from orchestrator.datasets.curated import (
     prototype_recipe,
 )
 from orchestrator.results import ResultsStore
+from orchestrator.train_data import train_refs
 from trials.curation import CurationConfig, nearest_counts
 
 
 def curated_refs(spec) -> list[tuple[str, object]]:
-    """(role, DatasetRef) of every ``curated`` dataset the spec's data block reads."""
+    """(role, DatasetRef) of every ``curated`` dataset the spec reads: the data block's, and
+    the training split of each ``train_data`` variant (``curated[per_concept=500]``)."""
     data = spec.data
-    refs = [("train", data.train), ("val", data.val)]
+    refs = [("train", ref) for _, ref in train_refs(spec)] + [("val", data.val)]
     refs += [(f"retrieval/{r.name}", r) for r in data.retrieval]
     unpaired = getattr(data, "unpaired", None)
     refs += [(f"unpaired/{role}", getattr(unpaired, role)) for role in ("image", "text")

@@ -158,7 +158,7 @@ def _run_stages(spec: SweepSpec, results: ResultsStore, log, on_progress=None) -
     similarity = {p: LayerSimilarity(store, results, extracted.sets[p], spec.similarity, log=log, pair=p)
                   for p in pairs}
     runner = TuneRunner(spec, extracted.sets[pairs[0]], store, results, monitor, log,
-                        pair_features={p.labels: extracted.sets[p] for p in pairs})
+                        pair_features={p.key: extracted.sets[p] for p in pairs})
     if spec.tune.search_config.search == "grid":
         planned = plan_pairs(spec, extracted.sets, similarity, selection.ranking if selection else None)
         _log_similarity(similarity, log)

@@ -18,6 +18,7 @@ from typing import Callable
 import numpy as np
 
 from orchestrator.actors import LOG_EVERY_S
+from orchestrator.train_data import DEFAULT
 from trials.trial import RetrievalSet, TrialData, ZeroShotSet
 
 
@@ -76,9 +77,12 @@ _TEXT_FIELD = {"train": "texts", "val": "texts", "retrieval": "texts", "zero_sho
                "unpaired": "texts"}
 
 
-def _jobs(spec) -> list[tuple[str, object]]:
-    """(group, dataset ref) of every split a trial reads."""
-    return [(group, ref) for group, refs in (("train", [spec.data.train]), ("val", [spec.data.val]),
+def _jobs(spec, variants: list = ()) -> list[tuple[str, object]]:
+    """(group, dataset ref) of every split a trial reads: first the training split of each
+    of ``variants`` in order (:mod:`orchestrator.train_data`; none: ``data.train``)."""
+    variants = list(dict.fromkeys(variants)) or [DEFAULT]
+    return [(group, ref) for group, refs in (("train", [v.apply(spec.data.train) for v in variants]),
+                                             ("val", [spec.data.val]),
                                              ("zero_shot", spec.data.zero_shot),
                                              ("retrieval", spec.data.retrieval))
             for ref in refs]
@@ -110,7 +114,7 @@ def extract_pairs(spec, pairs: list, cache_root: str, log=print) -> PairFeatures
     encoder whose resources the cluster can never provide fails at once with a
     clear error. Image candidates first, then text, in the spec's order.
     """
-    jobs, runs, computed, cached = _jobs(spec), {}, 0, 0
+    jobs, runs, computed, cached = _jobs(spec, [p.train for p in pairs]), {}, 0, 0
     needed = sorted({("image", p.image) for p in pairs} | {("text", p.text) for p in pairs})
     for role, index in needed:
         role_jobs = jobs + _unpaired_jobs(spec, role)  # unpaired data: the encoder of its side only
@@ -120,7 +124,8 @@ def extract_pairs(spec, pairs: list, cache_root: str, log=print) -> PairFeatures
         fresh = _log_fields("" if spec.encoders.single else encoder.title, role, role_jobs,
                             runs[(role, index)][0], log)
         computed, cached = computed + fresh, cached + len(role_jobs) - fresh
-    sets = {pair: _pair_set(jobs, runs[("image", pair.image)], runs[("text", pair.text)]) for pair in pairs}
+    sets = {pair: _pair_set(jobs, runs[("image", pair.image)], runs[("text", pair.text)],
+                            pair.train.apply(spec.data.train)) for pair in pairs}
     return PairFeatures(sets, computed, cached)
 
 
@@ -140,13 +145,16 @@ def _log_fields(name: str, role: str, jobs: list, outputs: list, log) -> int:
     return computed
 
 
-def _pair_set(jobs: list, image_run: tuple, text_run: tuple) -> FeatureSet:
+def _pair_set(jobs: list, image_run: tuple, text_run: tuple, train_ref) -> FeatureSet:
     """One pair's FeatureSet from its image encoder's and its text encoder's outputs
-    (each run's outputs: ``jobs`` in order, then its side's unpaired split if any)."""
+    (each run's outputs: ``jobs`` in order, then its side's unpaired split if any), on
+    training split ``train_ref``."""
     splits: dict = {"zero_shot": {}, "retrieval": {}}
     unpaired = {role: run[0][len(jobs)]["keys"][_field(role, "unpaired")] if len(run[0]) > len(jobs) else None
                 for role, run in (("image", image_run), ("text", text_run))}
     for (group, ref), image, text in zip(jobs, image_run[0], text_run[0]):
+        if group == "train" and ref != train_ref:
+            continue  # another pair's training split
         item = SplitFeatures(image=image["keys"]["images"], text=text["keys"][_TEXT_FIELD[group]],
                              text_to_image=text["text_to_image"], labels=image["labels"],
                              n_prompts=text["n_prompts"])

@@ -15,6 +15,10 @@ A grid without ``encoder_pairs`` trains ``top`` when the spec has an
 ``encoder_selection``, else ``all`` (a single-encoder spec: its one pair).
 Which pairs ``top`` means is known only after the selection stage ran, so
 validation counts trials per rank ("rank 1", "rank 2", ...).
+
+A grid's ``train_data`` (:mod:`orchestrator.train_data`) varies the training
+split too: an EncoderPair then also names the split it trains on, since the
+two together decide the features a trial reads.
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ from typing import TYPE_CHECKING, Any, Optional
 
 from orchestrator.config import SpecError
 from orchestrator.grids import Grid, parse_grids
+from orchestrator.train_data import DEFAULT, TrainVariant, grid_variants, parse_train_data
+from orchestrator.train_data import KEY as TRAIN_KEY
 
 if TYPE_CHECKING:
     from orchestrator.spec import EncodersSpec, SweepSpec
@@ -40,20 +46,31 @@ FREEZE_ALIGN_KINDS = {"image": ("timm", "synthetic"), "text": ("hf", "synthetic"
 
 @dataclass(frozen=True)
 class EncoderPair:
-    """One image candidate with one text candidate (indices into the spec's lists)."""
+    """One image candidate with one text candidate (indices into the spec's lists), and the
+    training split they train on (``train``: the spec's own unless a grid varies it)."""
 
     image: int
     text: int
     image_label: str
     text_label: str
+    train: TrainVariant = DEFAULT
 
     @property
     def labels(self) -> tuple[str, str]:
         return self.image_label, self.text_label
 
     @property
+    def key(self) -> tuple[str, str, str]:
+        """What tells apart the feature sets of a sweep: the encoders' labels and the split's."""
+        return self.image_label, self.text_label, self.train.label
+
+    @property
     def label(self) -> str:
-        return f"{self.image_label} + {self.text_label}"
+        pair = f"{self.image_label} + {self.text_label}"
+        return f"{pair} on {self.train.label}" if self.train.options else pair
+
+    def on(self, train: TrainVariant) -> EncoderPair:
+        return dataclasses.replace(self, train=train)
 
 
 @dataclass(frozen=True)
@@ -110,27 +127,39 @@ def _parse_rule(value: Any, path: str) -> PairRule:
 
 @dataclass
 class PairedGrid(Grid):
-    """A grid and the encoder pairs it trains (empty: the spec's default rule)."""
+    """A grid and the encoder pairs it trains (empty: the spec's default rule), and the
+    training splits it trains them on (empty: ``data.train``)."""
 
     encoder_pairs: list[PairRule] = field(default_factory=list)
+    train_data: list[TrainVariant] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         out = super().to_dict()
-        return {**out, KEY: [r.to_spec() for r in self.encoder_pairs]} if self.encoder_pairs else out
+        if self.encoder_pairs:
+            out[KEY] = [r.to_spec() for r in self.encoder_pairs]
+        if self.train_data:
+            out[TRAIN_KEY] = {k: list(dict.fromkeys(dict(v.options)[k] for v in self.train_data))
+                              for k, _ in self.train_data[0].options}
+        return out
 
 
 def parse_search(value: Any, path: str) -> list[Grid]:
     """``search:`` as :func:`orchestrator.grids.parse_grids` reads it, plus each grid's
-    ``encoder_pairs`` (taken out before the grid is parsed: it is not a trial field)."""
+    ``encoder_pairs`` and ``train_data`` (taken out before the grid is parsed: they
+    are not trial fields)."""
     raw = [value] if isinstance(value, dict) else value
     if not isinstance(raw, list):
         return parse_grids(value, path)  # its own error
-    rules = [parse_pair_rules(g[KEY], f"{path}[{i}].{KEY}") if isinstance(g, dict) and KEY in g else []
-             for i, g in enumerate(raw)]
-    stripped = [{k: v for k, v in g.items() if k != KEY} if isinstance(g, dict) else g for g in raw]
+    own = [g if isinstance(g, dict) else {} for g in raw]
+    rules = [parse_pair_rules(g[KEY], f"{path}[{i}].{KEY}") if KEY in g else [] for i, g in enumerate(own)]
+    data = [parse_train_data(g[TRAIN_KEY], f"{path}[{i}].{TRAIN_KEY}") if TRAIN_KEY in g else []
+            for i, g in enumerate(own)]
+    stripped = [{k: v for k, v in g.items() if k not in (KEY, TRAIN_KEY)} if isinstance(g, dict) else g
+                for g in raw]
     grids = parse_grids(stripped, path)
-    return [PairedGrid(**{f.name: getattr(g, f.name) for f in dataclasses.fields(Grid)}, encoder_pairs=r)
-            if r else g for g, r in zip(grids, rules)]  # a plain Grid where it names no pairs
+    return [PairedGrid(**{f.name: getattr(g, f.name) for f in dataclasses.fields(Grid)},
+                       encoder_pairs=r, train_data=d)
+            if r or d else g for g, r, d in zip(grids, rules, data)]  # a plain Grid: neither
 
 
 # --- candidates and pairs -------------------------------------------------------------
@@ -170,7 +199,12 @@ def top_k(spec: SweepSpec, rule: PairRule) -> int:
 
 
 def grid_pairs(spec: SweepSpec, grid: Grid, ranking: Optional[list[EncoderPair]]) -> list[EncoderPair]:
-    """The pairs a grid trains, in rule order, each once; ``ranking``: the selection's, best first."""
+    """The pairs a grid trains, in rule order, each once and on each of its training splits;
+    ``ranking``: the selection's, best first."""
+    return [pair.on(v) for pair in _encoder_pairs(spec, grid, ranking) for v in grid_variants(spec, grid)]
+
+
+def _encoder_pairs(spec: SweepSpec, grid: Grid, ranking: Optional[list[EncoderPair]]) -> list[EncoderPair]:
     out: list[EncoderPair] = []
     for rule in grid_rules(spec, grid):
         if rule.kind == "pair":
@@ -190,7 +224,13 @@ def trained_pairs(spec: SweepSpec, ranking: Optional[list[EncoderPair]]) -> list
 
 
 def grid_slots(spec: SweepSpec, grid: Grid) -> list:
-    """What validation can know of a grid's pairs: EncoderPairs, and ranks (ints) for ``top``."""
+    """What validation can know of a grid's pairs: EncoderPairs, and ranks for ``top``
+    (ints; ``(rank, TrainVariant)`` on a varied training split)."""
+    return [slot.on(v) if isinstance(slot, EncoderPair) else (slot if not v.options else (slot, v))
+            for slot in _encoder_slots(spec, grid) for v in grid_variants(spec, grid)]
+
+
+def _encoder_slots(spec: SweepSpec, grid: Grid) -> list:
     slots: list = []
     for rule in grid_rules(spec, grid):
         if rule.kind == "pair":
@@ -215,7 +255,7 @@ def check_pair_rules(spec: SweepSpec) -> None:
             elif rule.kind == "top":
                 _check_top(spec, rule, n_pairs, path)
     if spec.tune.search_config.search == "optuna":
-        slots = {tuple(map(str, grid_slots(spec, g))) for g in spec.search}
+        slots = {tuple(map(str, _encoder_slots(spec, g))) for g in spec.search}
         if len(slots) != 1 or len(next(iter(slots))) != 1:
             raise SpecError("tune.search: optuna searches one encoder pair; give every grid the same "
                             "single pair (encoder_pairs: top1, or [image, text]), or use grid search",

@@ -15,7 +15,9 @@ skip what is stored and two grids asking for the same trial run it once.
 Several candidate encoders make the encoder pair a dimension too
 (:func:`plan_pairs`): each grid plans its trials on every pair its
 ``encoder_pairs`` names (:mod:`orchestrator.pair_rules`), with that pair's
-features and similarity; the pair's labels ride on the PlannedTrial.
+features and similarity; the pair's labels ride on the PlannedTrial. So does
+the label of the training split, where a grid varies it (``train_data``,
+:mod:`orchestrator.train_data`).
 
 Optuna grids are not planned ahead: :func:`optuna_space` describes what Optuna
 chooses from and :func:`materialize` turns one of its suggestions into a
@@ -55,16 +57,23 @@ class PlannedTrial:
     similarity_n: int = 0  # training pairs that scored that choice; 0: the rule needs no similarity
     image_encoder: str = ""  # the encoder pair's labels (orchestrator.pair_rules.EncoderPair)
     text_encoder: str = ""
+    train_data: str = ""  # its training split's TrainVariant label ("": data.train as written)
 
     @property
     def encoder_pair(self) -> tuple[str, str]:
         return self.image_encoder, self.text_encoder
 
+    @property
+    def features_key(self) -> tuple[str, str, str]:
+        """Its EncoderPair's ``key``: which of a sweep's feature sets it reads."""
+        return self.image_encoder, self.text_encoder, self.train_data
+
     def as_param(self) -> dict:
         return {"fingerprint": self.fingerprint, "grid": self.grid,
                 "config": dataclasses.asdict(self.config), "params": self.params,
                 "layer_rule": self.layer_rule, "similarity_n": self.similarity_n,
-                "image_encoder": self.image_encoder, "text_encoder": self.text_encoder}
+                "image_encoder": self.image_encoder, "text_encoder": self.text_encoder,
+                "train_data": self.train_data}
 
 
 def similarity_source(spec: SweepSpec, similarity, features: Optional[FeatureSet] = None):
@@ -140,13 +149,14 @@ def plan_pairs(spec: SweepSpec, features: dict, similarity: dict, ranking=None) 
     for grid in spec.search:
         for pair in grid_pairs(spec, grid, ranking):
             source = similarity_source(spec, similarity[pair], features[pair])
-            _plan_grid(spec, grid, features[pair], source, planned, pair.labels)
+            _plan_grid(spec, grid, features[pair], source, planned, pair.key)
     return list(planned.values())
 
 
 def _plan_grid(spec: SweepSpec, grid: Grid, features: FeatureSet, source, planned: dict,
-               encoders: tuple[str, str] = ("", "")) -> None:
-    """Add one grid's trials on one encoder pair to ``planned`` (by fingerprint, first kept)."""
+               key: tuple[str, str, str] = ("", "", "")) -> None:
+    """Add one grid's trials on one encoder pair to ``planned`` (by fingerprint, first kept);
+    ``key``: the pair's (image label, text label, training split label)."""
     for index, combo in enumerate(grid.combinations()):
         for draw in _draws(spec, grid, index):
             values = {**spec.training, **combo.values, **draw}
@@ -155,8 +165,8 @@ def _plan_grid(spec: SweepSpec, grid: Grid, features: FeatureSet, source, planne
                 config = from_dict(TrialConfig, {**values, "image_layer": i, "text_layer": j})
                 fp = fingerprint(config, features)
                 planned.setdefault(fp, PlannedTrial(fp, grid.name, config, layer_rule=str(combo.layers),
-                                                    similarity_n=n_scored, image_encoder=encoders[0],
-                                                    text_encoder=encoders[1]))
+                                                    similarity_n=n_scored, image_encoder=key[0],
+                                                    text_encoder=key[1], train_data=key[2]))
 
 
 # --- Optuna grids ----------------------------------------------------------------------
@@ -171,6 +181,7 @@ class OptunaSpace:
     # "n_train/seed" of a subsample (or "*": any) -> its slots [i, j, layer_rule, similarity_n]
     slots: dict[str, list[list]] = dataclasses.field(default_factory=dict)
     encoders: tuple[str, str] = ("", "")  # the one encoder pair's labels (an Optuna spec has one)
+    train_data: str = ""  # and its one training split's label
 
     def slot(self, index: int, n_train, seed) -> list:
         """The ``index``-th pair the rules name on subsample (n_train, seed)."""
@@ -213,7 +224,8 @@ def optuna_space(spec: SweepSpec, grid: Grid, similarity) -> OptunaSpace:
     pairs = list(dict.fromkeys((v[0], v[1]) for listed in slots.values() for v in listed))
     pair = getattr(similarity, "pair", None)  # a LayerSimilarity knows its encoder pair
     return OptunaSpace(choices, dict(grid.sample), [list(p) for p in pairs], slots,
-                       pair.labels if pair is not None else ("", ""))
+                       pair.labels if pair is not None else ("", ""),
+                       pair.train.label if pair is not None else "")
 
 
 def _slots(rules: list[LayerRule], source, n_train, seed) -> list[list]:
@@ -275,7 +287,7 @@ def materialize(spec_training: dict, grid_name: str, space: OptunaSpace, suggest
     params = json.dumps({k: suggestion[k] for k in sorted(suggestion)}, default=float)
     return PlannedTrial(fingerprint(config, features), grid_name, config, params,
                         layer_rule=rule, similarity_n=n_scored, image_encoder=space.encoders[0],
-                        text_encoder=space.encoders[1])
+                        text_encoder=space.encoders[1], train_data=space.train_data)
 
 
 def count_trials(spec: SweepSpec, num_layers: tuple[int, int] | None) -> tuple[int, bool]:

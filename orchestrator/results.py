@@ -21,6 +21,8 @@ Schema of the ``trials`` table (one row per trial attempt that ended):
 ``params``             Optuna's suggestion (JSON) for optuna grids, else ""
 ``image_encoder``,     the encoder pair: each candidate's label (its
 ``text_encoder``       ``label:``, else its name)
+``train_data``         the training split's options a grid varied
+                       (``method=random, per_concept=500``), else ""
 metrics                ``zs/<set>/top1|top1_macro|top5``,
                        ``ret/<set>/<protocol>/<I2T|T2I>/<R@k|P@k|MAP@k>``,
                        ``best_val_loss``, ``best_val_clip_loss`` (its CLIP

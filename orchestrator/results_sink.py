@@ -163,6 +163,7 @@ def store_row(planned: PlannedTrial, status: str, result: dict, error: str,
             "error": error, "retries": retries, "params": planned.params,
             "layer_rule": planned.layer_rule, "similarity_n": planned.similarity_n,
             "image_encoder": planned.image_encoder, "text_encoder": planned.text_encoder,
+            "train_data": planned.train_data,
             **{config_column(k): _scalar(v) for k, v in config.items()},
             **{k: v for k, v in result.items() if _is_metric(k, v)}}
 

@@ -50,6 +50,10 @@ def epoch_row_key(fingerprint: str, epoch: int) -> str:
 # pair: each candidate's label (its ``label:``, else its name). Not in the fingerprint: the
 # feature keys there already carry each encoder's identity.
 ENCODER_COLUMNS = ("image_encoder", "text_encoder")
+# Column of ``trials`` (and ``layer_similarity``) naming the training split a trial trained on
+# where a grid varies it (``train_data``, orchestrator.train_data): the TrainVariant's label,
+# "method=random, per_concept=500"; "" for data.train as written.
+TRAIN_DATA = "train_data"
 PAIR_PROTOCOLS = ("per_layer", "freeze_align")  # encoder_selection.protocol
 # ``encoder_pairs``: the selection stage's table (freeze-align §3.1), one row per scored pair.
 ENCODER_PAIRS_COLUMNS = {

@@ -37,7 +37,7 @@ from orchestrator.feature_store import FeatureStore
 from orchestrator.features import FeatureSet
 from orchestrator.keys import content_key
 from orchestrator.results import ResultsStore
-from orchestrator.schema import ENCODER_COLUMNS, SELECTIONS
+from orchestrator.schema import ENCODER_COLUMNS, SELECTIONS, TRAIN_DATA
 from trials.selection import sample_rows, selection_rows
 from trials.similarity import METRICS, layer_similarity, selection_k, topk_from_rule
 from trials.trial import subsample
@@ -229,7 +229,8 @@ class LayerSimilarity:
 
     def _rows(self, m: ScoredMatrix) -> list[dict]:
         s = self.settings
-        encoders = dict(zip(ENCODER_COLUMNS, self.pair.labels)) if self.pair else {}
+        encoders = {**dict(zip(ENCODER_COLUMNS, self.pair.labels)), TRAIN_DATA: self.pair.train.label} \
+            if self.pair else {}
         return [{"row_key": f"{m.key}/{i}/{j}", **encoders, "similarity_key": m.key, "metric": s.metric,
                  "k": str(s.k), "k_value": m.k_value, "n_samples": s.n_samples,
                  "selection": m.selection, "n_train": m.n_train, "seed": m.seed,

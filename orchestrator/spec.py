@@ -29,6 +29,7 @@ from orchestrator.encoders import DTYPES as ENCODER_DTYPES
 from orchestrator.env_vars import substitute_env, unresolved_variables
 from orchestrator.grids import Grid, check_closed_form, check_head
 from orchestrator.pair_rules import ROLES, check_pair_rules, is_rule_word, parse_search
+from orchestrator.train_data import check_train_data
 from orchestrator.schema import SPEC_FILE, choose_headline, default_mode, metric_names
 from orchestrator.tune_settings import TuneSpec
 from orchestrator.validation import World, check_world
@@ -227,6 +228,7 @@ class SweepSpec:
             check_closed_form(grid, self.training, f"search[{i}]")
         _check_num_samples(self)
         check_pair_rules(self)
+        check_train_data(self)
         _check_token_heads(self)
         search = self.tune.search_config
         search.metric, search.mode = _objective(self)

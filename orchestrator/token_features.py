@@ -49,7 +49,7 @@ def token_layers(planned: list) -> dict[tuple, set[tuple[str, int]]]:
     needed: dict[tuple, set] = defaultdict(set)
     for trial in planned:
         if needs_tokens(trial.config.head):
-            needed[trial.encoder_pair] |= {("image", trial.config.image_layer),
+            needed[trial.features_key] |= {("image", trial.config.image_layer),
                                            ("text", trial.config.text_layer)}
     return dict(needed)
 
@@ -58,38 +58,45 @@ def extract_tokens(spec, pairs: list, sets: dict, planned: list, cache_root: str
     """Store the tokens ``planned`` token-head trials need and record their entries in
     each pair's FeatureSet (``FeatureSet.tokens[(role, layer)]``); (computed, cached)."""
     needed = token_layers(planned)
-    by_encoder: dict[tuple[str, int], set[int]] = defaultdict(set)
+    # (role, candidate index) -> training split -> layers: a training split gets the layers of
+    # its own pairs' trials, the evaluation splits those of every pair of the encoder
+    wanted: dict[tuple[str, int], dict] = defaultdict(lambda: defaultdict(set))
     for pair in pairs:
-        for role, layer in needed.get(pair.labels, ()):
-            by_encoder[(role, pair.image if role == "image" else pair.text)].add(layer)
-    if not by_encoder:
+        for role, layer in needed.get(pair.key, ()):
+            wanted[(role, pair.image if role == "image" else pair.text)][pair.train].add(layer)
+    if not wanted:
         return 0, 0
     log("  token features of the layers token-head trials train on")
-    jobs, computed, cached, entries = _jobs(spec), 0, 0, {}
-    for (role, index), layers in sorted(by_encoder.items()):
-        fields = {layer: {group: token_field(_field(role, group), layer) for group, _ in jobs}
-                  for layer in sorted(layers)}
-        tasks = [(asdict(ref), [fields[layer][group] for layer in sorted(layers)])
-                 for group, ref in jobs]
+    computed, cached, entries = 0, 0, {}
+    for (role, index), by_split in sorted(wanted.items()):
+        variants, every = list(by_split), sorted(set().union(*by_split.values()))
+        jobs = _jobs(spec, variants)
+        layers = [sorted(by_split[variants[i]]) if group == "train" else every
+                  for i, (group, _) in enumerate(jobs)]  # the training splits come first
+        tasks = [(asdict(ref), [token_field(_field(role, group), layer) for layer in job_layers])
+                 for (group, ref), job_layers in zip(jobs, layers)]
         encoder = spec.encoders.candidates(role)[index]
         outputs, _ = run_encoder(spec.encoders.path(role, index), encoder, cache_root, tasks, log)
-        for (group, ref), out in zip(jobs, outputs):
-            for layer in sorted(layers):
-                name = fields[layer][group]
+        for (group, ref), job_layers, out in zip(jobs, layers, outputs):
+            for layer in job_layers:
+                name = token_field(_field(role, group), layer)
                 fresh = out["computed"][name]
                 computed, cached = computed + fresh, cached + (not fresh)
                 log(f"  tokens {group}/{ref.name}/{name} [{encoder.title}]: "
                     + (f"computed in {out['seconds'][name]:.1f}s" if fresh else "cached"))
                 entries.setdefault((role, index, layer), []).append((group, ref.name, out["keys"][name]))
     for pair in pairs:
+        train = pair.train.apply(spec.data.train).name
         for (role, index, layer), rows in entries.items():
             if index == (pair.image if role == "image" else pair.text):
-                sets[pair].tokens[(role, layer)] = _entries(rows, cache_root)
+                own = [r for r in rows if r[0] != "train" or r[1] == train]
+                if any(r[0] == "train" for r in own):  # this pair's trials read that layer
+                    sets[pair].tokens[(role, layer)] = _entries(own, cache_root)
     return computed, cached
 
 
 def _entries(rows: list[tuple[str, str, str]], cache_root: str) -> TokenEntries:
-    """(group, dataset name, store key) rows -> the split-by-split entry paths."""
+    """(group, dataset name, store key) rows of one training split -> the split-by-split entry paths."""
     path = {(group, name): str(Path(cache_root) / key) for group, name, key in rows}
     one = {group: p for (group, _), p in path.items() if group in ("train", "val")}
     named = lambda wanted: {name: p for (group, name), p in path.items() if group == wanted}  # noqa: E731

@@ -124,7 +124,8 @@ def _setting(values: dict) -> str:
 def count_pairs(spec: SweepSpec, world) -> dict[str, TrialCount]:
     """Per encoder pair the grids train: an explicit pair by its label, a ``top`` rule's
     pairs by rank ("rank 1", ...: which pair is known once the selection ran), each
-    counted on its own layer counts (a rank: those every candidate pair shares, if any)."""
+    counted on its own layer counts (a rank: those every candidate pair shares, if any);
+    a pair on a training split a grid varies is its own entry ("a + b on method=random")."""
     from orchestrator.pair_rules import grid_slots
 
     grids_of: dict = {}
@@ -136,10 +137,14 @@ def count_pairs(spec: SweepSpec, world) -> dict[str, TrialCount]:
 
 
 def _slot_label(slot) -> str:
+    if isinstance(slot, tuple):  # (rank, TrainVariant): a rank on a varied training split
+        return f"{_slot_label(slot[0])} on {slot[1].label}"
     return f"rank {slot}" if isinstance(slot, int) else slot.label
 
 
 def _slot_layers(world, slot) -> Optional[tuple[int, int]]:
+    if isinstance(slot, tuple):
+        return _slot_layers(world, slot[0])
     return world.num_layers if isinstance(slot, int) else world.layers_of(slot.image, slot.text)
 
 

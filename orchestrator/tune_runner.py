@@ -90,7 +90,8 @@ class TuneRunner:
     def __init__(self, spec: SweepSpec, features: FeatureSet, store: FeatureStore,
                  results: ResultsStore, monitor, log=print, pair_features: dict | None = None):
         self.spec, self.features, self.store, self.results = spec, features, store, results
-        # a multi-encoder sweep: each trial's features are its encoder pair's (PlannedTrial.encoder_pair)
+        # several encoder pairs or training splits: each trial's features are its pair's
+        # (EncoderPair.key -> FeatureSet; PlannedTrial.features_key)
         self.pair_features = pair_features or {}
         self.monitor, self.log = monitor, log
         self.tally = TuneTally()
@@ -116,7 +117,7 @@ class TuneRunner:
                      for wave in waves(trials, features, self.store, budget)]
         for number, (features, wave) in enumerate(all_waves, 1):
             if len(all_waves) > 1:
-                pair = " + ".join(wave[0].encoder_pair) if len(self.pair_features) > 1 else ""
+                pair = _pair_label(wave[0]) if len(self.pair_features) > 1 else ""
                 self.log(f"  wave {number}/{len(all_waves)}: {len(wave)} trials on image layers "
                          f"{sorted({t.config.image_layer for t in wave})}" + (f" ({pair})" if pair else ""))
             self._run_wave(wave, features)
@@ -127,7 +128,7 @@ class TuneRunner:
         waves) per pair, so a trial's payload holds the features it reads."""
         groups: dict[tuple, list[PlannedTrial]] = defaultdict(list)
         for t in pending:
-            groups[t.encoder_pair if t.encoder_pair in self.pair_features else None].append(t)
+            groups[t.features_key if t.features_key in self.pair_features else None].append(t)
         return [(self.pair_features.get(key, self.features), trials) for key, trials in groups.items()]
 
     def _run_wave(self, wave: list[PlannedTrial], features: FeatureSet) -> None:
@@ -242,6 +243,12 @@ def waves(pending: list[PlannedTrial], features: FeatureSet, store: FeatureStore
         else:
             out.append(list(by_layer[layer]))
     return out
+
+
+def _pair_label(trial: PlannedTrial) -> str:
+    """"img + txt", and " on <training split>" where a grid varies it."""
+    pair = " + ".join(trial.encoder_pair)
+    return f"{pair} on {trial.train_data}" if trial.train_data else pair
 
 
 def group_tasks(pending: list[PlannedTrial], size: int) -> list[list[PlannedTrial]]:

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 from orchestrator.env_vars import unresolved_variables
 from orchestrator.pair_rules import grid_slots as _slots
+from orchestrator.train_data import DEFAULT, train_variants
 from orchestrator.trial_counts import TrialCount, combine, count_pairs
 from orchestrator.validation import World
 
@@ -34,6 +35,7 @@ def report_lines(spec: SweepSpec, world: World, count: TrialCount) -> list[str]:
     if world.train.pairs is not None:
         lines.append(f"  training split: {train.dataset}/{train.split}, {world.train.pairs} pairs "
                      f"({world.train.source})")
+    lines += _variant_lines(spec, world)
     lines += [f"  {line}" for line in world.tokens]
     later = world.notes + _run_time_only(spec, count)
     lines += ["  known only at run time:"] + [f"    - {note}" for note in later] if later else []
@@ -44,14 +46,30 @@ def report_lines(spec: SweepSpec, world: World, count: TrialCount) -> list[str]:
 
 
 def _by_pair(spec: SweepSpec) -> bool:
-    return not spec.encoders.single or spec.encoder_selection is not None
+    return (not spec.encoders.single or spec.encoder_selection is not None
+            or train_variants(spec) != [DEFAULT])
+
+
+def _variant_lines(spec: SweepSpec, world: World) -> list[str]:
+    """The training splits grids vary (``train_data``), with their sizes where known."""
+    variants = [v for v in train_variants(spec) if v.options]
+    if not variants:
+        return []
+    lines = [f"  training splits the grids vary (train_data): {len(variants)}"]
+    for v in variants:
+        index = world.variants.get(v)
+        size = f"{index.pairs} pairs ({index.source})" if index and index.pairs is not None else \
+            f"size {index.source if index else 'unknown until run'}"
+        lines.append(f"    {v.label}: {size}")
+    return lines
 
 
 def _pair_lines(spec: SweepSpec, per_pair: dict[str, TrialCount]) -> list[str]:
-    """The trial count per encoder pair; ranks are those of the selection stage."""
+    """The trial count per encoder pair (and training split); ranks are the selection stage's."""
     if not per_pair:
         return []
-    lines = [f"  per encoder pair ({len(spec.encoders.candidates('image'))} image x "
+    split = " and training split" if train_variants(spec) != [DEFAULT] else ""
+    lines = [f"  per encoder pair{split} ({len(spec.encoders.candidates('image'))} image x "
              f"{len(spec.encoders.candidates('text'))} text candidates):"]
     for label, n in per_pair.items():
         total = n.unique if n.unique is not None else n.total
@@ -86,17 +104,24 @@ def _pair_count(spec: SweepSpec) -> str:
     """' on N encoder pairs' ('up to N' where a rank of the selection may be a named pair)."""
     from orchestrator.pair_rules import all_pairs
 
-    slots = {slot for grid in spec.search for slot in _slots(spec, grid)}
+    slots = {_encoders_of(slot) for grid in spec.search for slot in _slots(spec, grid)}
     named, ranks = {s for s in slots if not isinstance(s, int)}, {s for s in slots if isinstance(s, int)}
     n = min(len(all_pairs(spec.encoders)), len(named) + len(ranks))
     bound = "up to " if named and ranks else ""
     return f" on {bound}{n} encoder pair{'s' if n != 1 else ''}"
 
 
+def _encoders_of(slot):
+    """A slot without its training split: (image, text) indices, or a rank."""
+    if isinstance(slot, tuple):
+        return slot[0]
+    return slot if isinstance(slot, int) else (slot.image, slot.text)
+
+
 def _run_time_only(spec: SweepSpec, count: TrialCount) -> list[str]:
     notes = []
     if spec.encoder_selection is not None and any(
-            isinstance(slot, int) for g in spec.search for slot in _slots(spec, g)):
+            isinstance(_encoders_of(slot), int) for g in spec.search for slot in _slots(spec, g)):
         notes.append("which encoder pairs the ranks are: ranked by the encoder-pair selection")
     rules = sorted({str(r) for g in spec.search for r in g.layer_rules() if r.needs_similarity})
     if rules:

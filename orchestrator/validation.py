@@ -48,6 +48,8 @@ class World:
     candidates: dict[str, list[EncoderInfo]]  # "image"/"text" -> per candidate, in the spec's order
     train: SplitIndex
     notes: list[str] = field(default_factory=list)
+    # the training splits grids vary (``train_data``): TrainVariant -> its SplitIndex
+    variants: dict = field(default_factory=dict)
     tokens: list[str] = field(default_factory=list)  # token-cache estimates (token heads only)
 
     @property
@@ -73,6 +75,7 @@ def check_world(spec: SweepSpec) -> World:
     try:
         notes: list[str] = []
         world = World(_encoders(spec, notes), _data(spec, notes), notes)
+        world.variants = _train_variants(spec)
         _check_layer_pairs(spec, world)
         _check_n_train(spec, world)
         _check_k(spec, world)
@@ -211,6 +214,25 @@ def _data(spec: SweepSpec, notes: list[str]) -> SplitIndex:
     return train
 
 
+def _train_variants(spec: SweepSpec) -> dict:
+    """Each training split a grid's ``train_data`` makes, its options checked and its size
+    counted like ``data.train``'s (a wrong option is named at its grid's key)."""
+    from orchestrator.train_data import grid_variants
+
+    found: dict = {}
+    for g, grid in enumerate(spec.search):
+        for variant in grid_variants(spec, grid):
+            if not variant.options or variant in found or _unset(spec.data.train.options):
+                continue
+            try:
+                found[variant] = _index(variant.apply(spec.data.train), "", count=True)
+            except SpecError as err:
+                key = err.path.rpartition("options.")[2]
+                raise SpecError(f"{err.reason} (in the training split of {variant.label})",
+                                path=f"search[{g}].train_data" + (f".{key}" if key else "")) from None
+    return found
+
+
 def _index(ref: DatasetRef, path: str, count: bool) -> SplitIndex:
     try:
         return split_index(ref.dataset, ref.split, ref.options, count=count)
@@ -220,30 +242,37 @@ def _index(ref: DatasetRef, path: str, count: bool) -> SplitIndex:
         raise SpecError(str(err), path=path) from None
 
 
-def _n_train_values(spec: SweepSpec) -> Iterator[tuple[str, int]]:
-    """(key path, value) of every n_train a trial may get; randint's largest draw."""
-    if spec.training.get("n_train") is not None:
+def _n_train_values(spec: SweepSpec, grid) -> Iterator[tuple[str, int]]:
+    """(key path, value) of every n_train a trial of ``grid`` may get; randint's largest draw."""
+    g = next(i for i, other in enumerate(spec.search) if other is grid)
+    if spec.training.get("n_train") is not None:  # checked even where a grid sets its own
         yield "training.n_train", spec.training["n_train"]
-    for g, grid in enumerate(spec.search):
-        for value in grid.dims.get("n_train", []):
-            if value is not None:
-                yield f"search[{g}].n_train", value
-        dim = grid.sample.get("n_train")
-        if dim is not None:
-            values = dim.args if dim.kind == "choice" else [dim.args[1] - 1]
-            yield from ((f"search[{g}].n_train", v) for v in values if isinstance(v, int))
+    for value in grid.dims.get("n_train", []):
+        if value is not None:
+            yield f"search[{g}].n_train", value
+    dim = grid.sample.get("n_train")
+    if dim is not None:
+        values = dim.args if dim.kind == "choice" else [dim.args[1] - 1]
+        yield from ((f"search[{g}].n_train", v) for v in values if isinstance(v, int))
 
 
 def _check_n_train(spec: SweepSpec, world: World) -> None:
-    pairs = world.train.pairs
-    for path, value in _n_train_values(spec) if pairs is not None else ():
-        if value > pairs:
-            ref = spec.data.train
-            raise SpecError(
-                f"n_train={value} is larger than the training split: {ref.dataset}/{ref.split} has "
-                f"{pairs} pairs ({world.train.source}), so the trial would train on {pairs} pairs "
-                f"while its row says {value}; use n_train <= {pairs}, or null for every pair",
-                path=path)
+    """Every grid's n_train within each training split it trains on."""
+    from orchestrator.train_data import grid_variants
+
+    for grid in spec.search:
+        for variant in grid_variants(spec, grid):
+            index = world.variants.get(variant, world.train) if variant.options else world.train
+            pairs = index.pairs
+            for path, value in _n_train_values(spec, grid) if pairs is not None else ():
+                if value > pairs:
+                    ref = variant.apply(spec.data.train)
+                    raise SpecError(
+                        f"n_train={value} is larger than the training split: {ref.dataset}/{ref.split}"
+                        + (f" with {variant.label}" if variant.options else "")
+                        + f" has {pairs} pairs ({index.source}), so the trial would train on {pairs} "
+                        f"pairs while its row says {value}; use n_train <= {pairs}, or null for every pair",
+                        path=path)
 
 
 def _check_k(spec: SweepSpec, world: World) -> None:

@@ -17,7 +17,7 @@ def spec_with(tmp_path, method="concept_balanced", seed=3):
         "pool": POOL, "per_concept": 20, "max": 60, "batch": 64, "method": method, "seed": seed,
         "cache_dir": str(tmp_path / "cache")})
     val = DatasetRef("synthetic", "val", options={"size": 100})
-    return SimpleNamespace(data=SimpleNamespace(train=curated, val=val, retrieval=[], unpaired=None))
+    return SimpleNamespace(data=SimpleNamespace(train=curated, val=val, retrieval=[], unpaired=None), search=[])
 
 
 def nearest(vectors, prototypes):

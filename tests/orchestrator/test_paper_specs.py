@@ -36,9 +36,10 @@ PAPER_SPECS = {
     "scaling_up.yaml": (COCO_TRAIN + LAION, 81),
     "distribution_shift.yaml": (COCO_TRAIN + 3 * 1000, 15),
     "model_combinations.yaml": (COCO_TRAIN, 45),  # 3 presets x 5 seeds x 3 language models
-    # a curated training set: its size is known once the selection is made (None); 18 = the
-    # count validate prints (top-pairs 12 + cka-check 6, before the 2 shared trials dedupe)
-    "freeze_align.yaml": (None, 24),
+    # a curated training set: its size is known once the selection is made (None); 42 = the
+    # count validate prints (top-pairs 2 x 3 x 3 x 2 curation methods + cka-check 6, before
+    # the 2 shared trials dedupe)
+    "freeze_align.yaml": (None, 42),
 }
 
 

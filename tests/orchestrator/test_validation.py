@@ -125,6 +125,19 @@ CORPUS = [
         d["training"].update(head="res_low_rank", head_options={"rank": 4}), grid(d, 1, head=["linear"])),
      "search[1]", ["head 'linear' has no option(s) ['rank']"]),
     ("layer-in-training", lambda d, c: d["training"].update(image_layer=1), "training.image_layer", ["layers:"]),
+    ("train-data-unknown-option", lambda d, c: grid(d, 1, train_data={"sise": [100, 200]}),
+     "search[1].train_data.sise", ["did you mean 'size'", "sise=100"]),
+    ("train-data-n-train-over-split", lambda d, c: grid(d, 1, train_data={"size": [300, 600]}),
+     "search[1].n_train", ["with size=300 has 300 pairs"]),
+    ("train-data-empty", lambda d, c: grid(d, 1, train_data={"size": []}), "search[1].train_data.size",
+     ["empty list"]),
+    ("train-data-not-scalar", lambda d, c: grid(d, 1, train_data={"size": [[300]]}),
+     "search[1].train_data.size[0]", ["scalar"]),
+    ("train-data-not-mapping", lambda d, c: grid(d, 1, train_data=["random"]), "search[1].train_data",
+     ["mapping"]),
+    ("train-data-under-optuna", lambda d, c: (d.update(tune={"search": "optuna"}), d["search"].pop(),
+                                              grid(d, 0, train_data={"size": [300, 400]})),
+     "search", ["one training split"]),
 ]
 FILE_LEVEL = [("not-utf8", b"name: d\xe9mo\n", "not UTF-8"), ("bad-yaml", b"name: [demo\nsearch: 1\n", "line 2")]
 
