@@ -30,7 +30,12 @@ from typing import TYPE_CHECKING, Any, Optional
 
 from orchestrator.config import SpecError
 from orchestrator.grids import Grid, parse_grids
-from orchestrator.train_data import DEFAULT, TrainVariant, grid_variants, parse_train_data
+from orchestrator.train_data import (
+    DEFAULT,
+    TrainVariant,
+    grid_variants,
+    parse_train_data,
+)
 from orchestrator.train_data import KEY as TRAIN_KEY
 
 if TYPE_CHECKING:
@@ -66,11 +71,15 @@ class EncoderPair:
 
     @property
     def label(self) -> str:
-        pair = f"{self.image_label} + {self.text_label}"
-        return f"{pair} on {self.train.label}" if self.train.options else pair
+        return pair_label(*self.key)
 
     def on(self, train: TrainVariant) -> EncoderPair:
         return dataclasses.replace(self, train=train)
+
+
+def pair_label(image: str, text: str, train: str = "") -> str:
+    """"img + txt", and " on <training split>" where a grid varies it."""
+    return f"{image} + {text} on {train}" if train else f"{image} + {text}"
 
 
 @dataclass(frozen=True)

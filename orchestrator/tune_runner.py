@@ -33,6 +33,7 @@ import pandas as pd
 from orchestrator.feature_store import FeatureStore
 from trials.head_options import needs_tokens
 from orchestrator.features import FeatureSet
+from orchestrator.pair_rules import pair_label
 from orchestrator.planning import PlannedTrial, optuna_space, param_space
 from orchestrator.results import ResultsStore
 from orchestrator.results_sink import ResultsSink
@@ -117,7 +118,7 @@ class TuneRunner:
                      for wave in waves(trials, features, self.store, budget)]
         for number, (features, wave) in enumerate(all_waves, 1):
             if len(all_waves) > 1:
-                pair = _pair_label(wave[0]) if len(self.pair_features) > 1 else ""
+                pair = pair_label(*wave[0].features_key) if len(self.pair_features) > 1 else ""
                 self.log(f"  wave {number}/{len(all_waves)}: {len(wave)} trials on image layers "
                          f"{sorted({t.config.image_layer for t in wave})}" + (f" ({pair})" if pair else ""))
             self._run_wave(wave, features)
@@ -243,12 +244,6 @@ def waves(pending: list[PlannedTrial], features: FeatureSet, store: FeatureStore
         else:
             out.append(list(by_layer[layer]))
     return out
-
-
-def _pair_label(trial: PlannedTrial) -> str:
-    """"img + txt", and " on <training split>" where a grid varies it."""
-    pair = " + ".join(trial.encoder_pair)
-    return f"{pair} on {trial.train_data}" if trial.train_data else pair
 
 
 def group_tasks(pending: list[PlannedTrial], size: int) -> list[list[PlannedTrial]]:
