@@ -242,9 +242,14 @@ def _index(ref: DatasetRef, path: str, count: bool) -> SplitIndex:
         raise SpecError(str(err), path=path) from None
 
 
-def _n_train_values(spec: SweepSpec, grid) -> Iterator[tuple[str, int]]:
-    """(key path, value) of every n_train a trial of ``grid`` may get; randint's largest draw."""
-    g = next(i for i, other in enumerate(spec.search) if other is grid)
+def _split_index(world: World, variant) -> Optional[SplitIndex]:
+    """The size index of a training split (None: a varied one whose options wait for variables)."""
+    return world.variants.get(variant) if variant.options else world.train
+
+
+def _n_train_values(spec: SweepSpec, g: int) -> Iterator[tuple[str, int]]:
+    """(key path, value) of every n_train a trial of grid ``g`` may get; randint's largest draw."""
+    grid = spec.search[g]
     if spec.training.get("n_train") is not None:  # checked even where a grid sets its own
         yield "training.n_train", spec.training["n_train"]
     for value in grid.dims.get("n_train", []):
@@ -260,11 +265,11 @@ def _check_n_train(spec: SweepSpec, world: World) -> None:
     """Every grid's n_train within each training split it trains on."""
     from orchestrator.train_data import grid_variants
 
-    for grid in spec.search:
+    for g, grid in enumerate(spec.search):
         for variant in grid_variants(spec, grid):
-            index = world.variants.get(variant, world.train) if variant.options else world.train
-            pairs = index.pairs
-            for path, value in _n_train_values(spec, grid) if pairs is not None else ():
+            index = _split_index(world, variant)
+            pairs = index.pairs if index is not None else None
+            for path, value in _n_train_values(spec, g) if pairs is not None else ():
                 if value > pairs:
                     ref = variant.apply(spec.data.train)
                     raise SpecError(
@@ -276,16 +281,22 @@ def _check_n_train(spec: SweepSpec, world: World) -> None:
 
 
 def _check_k(spec: SweepSpec, world: World) -> None:
-    """kNN metrics need 1 <= k < the rows scored (min of n_samples and the training pairs)."""
+    """kNN metrics need 1 <= k < the rows scored (min of n_samples and the training pairs,
+    of the smallest training split the grids train on)."""
+    from orchestrator.train_data import train_variants
+
     sim = spec.similarity
     if sim.metric not in KNN_MIN_K:
         return
-    pairs = world.train.pairs
+    indexes = (_split_index(world, v) for v in train_variants(spec))
+    known = [i for i in indexes if i is not None and i.pairs is not None]
+    smallest = min(known, key=lambda i: i.pairs, default=world.train)
+    pairs = smallest.pairs
     n = sim.n_samples if pairs is None else min(sim.n_samples, pairs)
     k = sim.k if isinstance(sim.k, int) or n >= _RULE_SAMPLES else _rule_k(n, sim.k)
     if isinstance(k, int) and not KNN_MIN_K[sim.metric] <= k <= n - 1:
         sample = f"similarity.n_samples={sim.n_samples}" + (
-            f" and {pairs} training pairs ({world.train.source})" if pairs is not None else "")
+            f" and {pairs} training pairs ({smallest.source})" if pairs is not None else "")
         named = f"k={k}" if k == sim.k else f"k={sim.k!r} (k={k} at {n} rows)"
         raise SpecError(f"{named} does not fit the similarity sample: {sim.metric} scores "
                         f"{n} rows (the smaller of {sample}), which allows k in "
