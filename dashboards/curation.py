@@ -6,8 +6,11 @@ subset of the same pool holds (``orchestrator.schema.CURATION_COLUMNS``).
 freeze-align §3.2's point is balance: every concept gets up to ``per_concept``
 captions, where a random subset follows the pool's long tail. Both subsets are
 counted by one rule, each caption's nearest prototype; the curated subset's
-own assignment is shown beside it. :func:`coverage_frames` and
-:func:`coverage_summary` are the tested data; the drawing computes nothing.
+own assignment is shown beside it. Where the grids trained on several
+training splits (``train_data``: the curated set and its random control, or
+several ``per_concept``), a table sets each method's accuracy on each split
+side by side. :func:`coverage_frames`, :func:`coverage_summary` and
+:func:`split_table` are the tested data; the drawing computes nothing.
 The section is left out of a report whose run read no curated dataset.
 """
 
@@ -18,9 +21,11 @@ from typing import Optional
 import pandas as pd
 import plotly.graph_objects as go
 
+from dashboards import data as D
 from dashboards import figures as F
 from dashboards import html as H
 from orchestrator.results import ResultsStore
+from orchestrator.schema import TRAIN_DATA
 
 SUBSETS = {"curated": "curated: assigned concept", "curated_nearest": "curated: nearest prototype",
            "random_nearest": "random (equal size): nearest prototype"}
@@ -55,6 +60,37 @@ def coverage_summary(frame: pd.DataFrame) -> pd.DataFrame:
                      "min": int(counts.min()) if len(counts) else 0, "max": int(counts.max()) if len(counts) else 0,
                      "cv": float(counts.std() / mean) if mean > 0 else float("nan")})
     return pd.DataFrame(rows, columns=_SUMMARY)
+
+
+def split_table(done: pd.DataFrame, metric: Optional[str], pairs: dict) -> pd.DataFrame:
+    """Mean ``metric`` (seeds averaged) per method (rows) and training split (columns, in
+    first-trained order; "data.train": the spec's own), with the trials behind each in
+    ``attrs["counts"]``. Empty unless the finished trials span several training splits."""
+    if metric is None or metric not in done or TRAIN_DATA not in done:
+        return pd.DataFrame()
+    split = done[TRAIN_DATA].fillna("").replace("", "data.train")
+    if split.nunique() < 2:
+        return pd.DataFrame()
+    methods = D.with_methods(done.drop(columns=[TRAIN_DATA]), pairs)["method"]  # the split apart
+    frame = pd.DataFrame({"method": methods, "split": split, "value": done[metric]})
+    table = frame.pivot_table(index="method", columns="split", values="value", aggfunc="mean")
+    counts = frame.pivot_table(index="method", columns="split", values="value", aggfunc="count")
+    order = list(dict.fromkeys(split))
+    table = table[order]
+    table.attrs["counts"] = counts[order].fillna(0).astype(int)
+    return table
+
+
+def split_html(table: pd.DataFrame, metric: str) -> str:
+    counts = table.attrs["counts"]
+    head = "".join(f"<th>{H.esc(c)}</th>" for c in table.columns)
+    rows = "".join(
+        f"<tr><td class='name'>{H.esc(method)}</td>"
+        + "".join(f"<td>{H.fmt(row[c], 3)} (n={counts.loc[method, c]})</td>"
+                  for c in table.columns) + "</tr>"
+        for method, row in table.iterrows())
+    return (f"<p>{H.esc(metric)} by training split (mean over seeds; n: finished trials)</p>"
+            f"<table><tr><th class='name'>method</th>{head}</tr>{rows}</table>")
 
 
 def coverage_figure(frame: pd.DataFrame, title: str) -> go.Figure:
@@ -93,6 +129,10 @@ def curation_section(run, table: Optional[pd.DataFrame] = None) -> Optional[H.Se
     for name, frame in frames.items():
         section.blocks += [coverage_figure(frame, f"Captions per concept: {name}"),
                            summary_html(coverage_summary(frame))]
+    metric = D.headline_metric(run.done)
+    by_split = split_table(run.done, metric, D.run_pairs(run))
+    if not by_split.empty:
+        section.blocks.append(split_html(by_split, metric))
     return section
 
 

@@ -4,7 +4,7 @@ import pandas as pd
 import pytest
 
 from dashboards import data as D
-from dashboards.curation import coverage_frames, coverage_summary, curation_section
+from dashboards.curation import coverage_frames, coverage_summary, curation_section, split_table
 from dashboards.report import build_sections
 from orchestrator.results import ResultsStore
 
@@ -50,3 +50,23 @@ def test_section_only_for_runs_that_read_curated_data(toy_run):
     assert sections[-1].key == "curation" and sections[-1].figures == 1
     assert "<table>" in sections[-1].blocks[1] and "64" in sections[-1].blocks[1]
     assert curation_section(run, pd.DataFrame()) is None
+
+
+def test_split_table_sets_each_method_on_each_training_split_side_by_side():
+    rows = [(head, lam, split, seed, acc) for head, lam, split, seed, acc in [
+        ("linear", 0.0, "", 0, 0.50), ("linear", 0.0, "", 1, 0.54),  # the curated set (data.train)
+        ("linear", 0.0, "method=random", 0, 0.40), ("linear", 0.0, "method=random", 1, 0.42),
+        ("linear", 10.0, "", 0, 0.60), ("mlp", 0.0, "method=random", 0, 0.30)]]
+    done = pd.DataFrame([{"config/head": h, "config/structure_lambda": lam, "train_data": s, "config/seed": seed,
+                          "config/image_layer": 2, "config/text_layer": 2, "zs/x/top1": acc}
+                         for h, lam, s, seed, acc in rows])
+    table = split_table(done, "zs/x/top1", {"last": (2, 2)})
+    assert list(table.columns) == ["data.train", "method=random"]
+    expected = done.assign(split=done["train_data"].replace("", "data.train"))
+    for (head, lam, split), group in expected.groupby(["config/head", "config/structure_lambda", "split"]):
+        method = f"{head} + last" + (" + R_S" if lam > 0 else "")
+        assert table.loc[method, split] == pytest.approx(group["zs/x/top1"].mean())
+        assert table.attrs["counts"].loc[method, split] == len(group)
+    assert pd.isna(table.loc["mlp + last", "data.train"]) and table.attrs["counts"].loc["mlp + last", "data.train"] == 0
+    assert split_table(done.assign(train_data=""), "zs/x/top1", {}).empty  # one split: nothing to compare
+    assert split_table(done.drop(columns=["train_data"]), "zs/x/top1", {}).empty
