@@ -193,7 +193,27 @@ class FeatureStore:
                        allow_pickle=False)
 
 
-class EntryWriter:
+class StagedEntry:
+    """An entry built in a temporary directory. Used as a context manager it commits
+    (publishes the entry) on success and aborts (removes the directory) on error."""
+
+    def commit(self) -> None:
+        raise NotImplementedError
+
+    def abort(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, *_) -> None:
+        if exc_type is None:
+            self.commit()
+        else:
+            self.abort()
+
+
+class EntryWriter(StagedEntry):
     """Builds one entry in a temporary directory; :meth:`commit` publishes it.
 
     Rows are written in order with :meth:`write` straight into one memory-
@@ -232,13 +252,4 @@ class EntryWriter:
     def abort(self) -> None:
         self._arrays = []
         shutil.rmtree(self.tmp, ignore_errors=True)
-
-    def __enter__(self) -> "EntryWriter":
-        return self
-
-    def __exit__(self, exc_type, *_) -> None:
-        if exc_type is None:
-            self.commit()
-        else:
-            self.abort()
 

@@ -40,7 +40,7 @@ from typing import Sequence
 
 import numpy as np
 
-from orchestrator.feature_store import FeatureStore, feature_key
+from orchestrator.feature_store import FeatureStore, StagedEntry, feature_key
 from trials.tokens import RaggedTokens, TokenBatch, pad_batch
 
 DEFAULT_SHARD_BYTES = 1 << 30
@@ -103,7 +103,7 @@ class _NpyAppender:
         self.file.close()
 
 
-class TokenWriter:
+class TokenWriter(StagedEntry):
     """Builds one token entry batch by batch; :meth:`commit` publishes it.
 
     Used as a context manager it commits on success and removes the
@@ -167,15 +167,6 @@ class TokenWriter:
         for appender in (self._prefix, *self._shards):
             appender.file.close()
         shutil.rmtree(self.tmp, ignore_errors=True)
-
-    def __enter__(self) -> "TokenWriter":
-        return self
-
-    def __exit__(self, exc_type, *_) -> None:
-        if exc_type is None:
-            self.commit()
-        else:
-            self.abort()
 
 
 def open_tokens(store: FeatureStore, key: str, *, stream: bool = False) -> "StoredTokens":
