@@ -22,14 +22,19 @@ def split(prefix: str, n: int, **extra) -> SplitFeatures:
                          text_to_image=np.arange(n), **extra)
 
 
-@pytest.fixture
-def features() -> FeatureSet:
+def in_memory_features() -> FeatureSet:
+    """Store keys of 96 training, 32 validation pairs and two evaluation sets (read by :class:`Fetch`)."""
     return FeatureSet(
         train=split("train", 96), val=split("val", 32),
         zero_shot={"classes": SplitFeatures(image="zs/image", text="zs/prompts",
                                             text_to_image=np.arange(0), labels=np.arange(24) % 4,
                                             n_prompts=[2] * 4)},
         retrieval={"captions": split("ret", 16)}, num_layers=(LAYERS, LAYERS))
+
+
+@pytest.fixture
+def features() -> FeatureSet:
+    return in_memory_features()
 
 
 class Fetch:

@@ -5,15 +5,14 @@ from __future__ import annotations
 import json
 import math
 
-import numpy as np
 import pytest
 
 from orchestrator.config import SpecError
-from orchestrator.features import FeatureSet, SplitFeatures, trial_data
+from orchestrator.features import FeatureSet, trial_data
 from orchestrator.schema import DONE, FAILED
 from orchestrator.tune_settings import TuneSpec
 from orchestrator.worker import EPOCHS_JSON, TrialTask, WorkerContext, pack_cap, plan_packs, run_task
-from test_worker import LAYERS, Fetch, split, trial  # test_worker's in-memory features
+from test_worker import Fetch, in_memory_features, trial  # test_worker's in-memory features
 
 UNPACKED = WorkerContext(pack=False)
 TIMING = {"started_at", "finished_at", "trial_seconds", "train_seconds", "host"}
@@ -21,13 +20,7 @@ TIMING = {"started_at", "finished_at", "trial_seconds", "train_seconds", "host"}
 
 @pytest.fixture
 def features() -> FeatureSet:
-    """test_worker's features (its fixture, rebuilt: a fixture cannot be imported cleanly)."""
-    return FeatureSet(
-        train=split("train", 96), val=split("val", 32),
-        zero_shot={"classes": SplitFeatures(image="zs/image", text="zs/prompts",
-                                            text_to_image=np.arange(0), labels=np.arange(24) % 4,
-                                            n_prompts=[2] * 4)},
-        retrieval={"captions": split("ret", 16)}, num_layers=(LAYERS, LAYERS))
+    return in_memory_features()
 
 
 def close(a, b) -> bool:
