@@ -42,25 +42,28 @@ def _check_structure_options(levels, temperature, weighting, centering, distance
     check_number("temperature", temperature, 0, strict=True)
 
 
-def safe_normalize(x: torch.Tensor, eps: float = EPS) -> torch.Tensor:
+def safe_normalize(x: torch.Tensor, eps: float = EPS, *, stacked: bool = False) -> torch.Tensor:
     """``safe_norm`` of METHOD.md §1: unchanged if every row is already unit norm, else L2 rows.
 
-    The official code branches in Python; ``torch.where`` on a 0-d mask keeps
-    the same values and gradients without a host sync.
+    The official code branches in Python; ``torch.where`` on a mask keeps the
+    same values and gradients without a host sync. ``stacked``: ``x`` is a
+    pack of trials [P, n, d], each member tested on its own rows.
     """
     norms = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
-    already_unit = ((norms - 1).abs() < UNIT_NORM_TOL).all()
+    close = (norms - 1).abs() < UNIT_NORM_TOL
+    already_unit = close.all(dim=-2, keepdim=True) if stacked else close.all()
     return torch.where(already_unit, x, F.normalize(x, p=2, dim=-1, eps=eps))
 
 
 def center(x: torch.Tensor, centering: str) -> torch.Tensor:
-    """Column centring C over the batch rows (§3 step 1); ``standard`` uses the unbiased std."""
+    """Column centring C over the batch rows (§3 step 1, the second-last axis: per member of a
+    stack); ``standard`` uses the unbiased std."""
     if centering == "none":
         return x
-    centred = x - x.mean(0, keepdim=True)
+    centred = x - x.mean(-2, keepdim=True)
     if centering == "mean":
         return centred
-    return centred / x.std(0, keepdim=True)
+    return centred / x.std(-2, keepdim=True)
 
 
 def similarity(x: torch.Tensor, distance: str, temperature: float, gamma: float) -> torch.Tensor:
@@ -106,10 +109,12 @@ _DIVERGENCE_FNS = {"official": official_divergence, "js": js_divergence}
 
 
 def _prepare(x: torch.Tensor, centering: str, center_first: bool) -> torch.Tensor:
-    """§3 step 1: safe_norm and centring, in the order ``center_first`` selects."""
+    """§3 step 1: safe_norm and centring, in the order ``center_first`` selects (a [P, n, d]
+    stack: per member)."""
+    stacked = x.ndim == 3
     if center_first:
-        return safe_normalize(center(x, centering))
-    return center(safe_normalize(x), centering)
+        return safe_normalize(center(x, centering), stacked=stacked)
+    return center(safe_normalize(x, stacked=stacked), centering)
 
 
 def structure_regularizer(

@@ -24,7 +24,7 @@ from trials.config import TrialConfig
 from trials.neighbourhood import NEIGHBOURS, PROBE_ROWS, record_stride
 from trials.similarity import _DIAG_FILL
 from trials.packed_heads import HeadStack
-from trials.packed_loss import PackedAlignmentLoss, PackedFrozenSide, packed_frozen_side
+from trials.packed_loss import FrozenSide, PackedAlignmentLoss, frozen_side
 
 # Bytes of the frozen half of R_S on validation batches a pack caches (as trials.fast_loop)
 VALIDATION_CACHE_BYTES = 2 * 1024**3
@@ -168,7 +168,7 @@ class PackTrainer:
         sides = [self._frozen_for(start, x_img, x_txt, t) for t in (m.config.temperature for m in self.active)]
         if all(s is sides[0] for s in sides):
             return tuple(side.expand(len(sides)) for side in sides[0])
-        return tuple(PackedFrozenSide.cat([s[k] for s in sides]) for k in (0, 1))
+        return tuple(FrozenSide.cat([s[k] for s in sides]) for k in (0, 1))
 
     def _frozen_for(self, start: int, x_img, x_txt, temperature: float) -> tuple:
         key = (start, temperature)
@@ -176,7 +176,7 @@ class PackTrainer:
             return self._frozen[key]
         options = {k: v for k, v in self.loss.structure_options.items() if k in ("levels", "centering", "center_first")}
         t = torch.tensor([temperature], dtype=torch.float64, device=self.device)
-        sides = tuple(packed_frozen_side(x[None], t, **options) for x in (x_img, x_txt))
+        sides = tuple(frozen_side(x[None], t, **options) for x in (x_img, x_txt))
         size = sum(x.numel() * x.element_size() for side in sides for x in side.half_p + side.log_p)
         if self._frozen_bytes + size <= VALIDATION_CACHE_BYTES:
             self._frozen[key], self._frozen_bytes = sides, self._frozen_bytes + size

@@ -5,7 +5,7 @@ import itertools
 import pytest
 import torch
 
-from trials import fused_loss
+from trials import packed_loss
 from trials.fast_loop import FusedAlignmentLoss
 from trials.fused_loss import (
     Workspace,
@@ -115,7 +115,7 @@ def test_the_fused_terms_refuse_other_distances():
 def test_symmetrize_is_exact(n):
     m = torch.randn(n, n, generator=torch.Generator().manual_seed(n))
     expected = m + m.T
-    assert torch.equal(fused_loss._symmetrize_(m, torch.empty(n, n)), expected)
+    assert torch.equal(packed_loss._symmetrize_(m, torch.empty(n, n)), expected)
 
 
 # ------------------------------------------------------------------ the fused twin of AlignmentLoss
