@@ -125,15 +125,23 @@ def count_pairs(spec: SweepSpec, world) -> dict[str, TrialCount]:
     """Per encoder pair the grids train: an explicit pair by its label, a ``top`` rule's
     pairs by rank ("rank 1", ...: which pair is known once the selection ran), each
     counted on its own layer counts (a rank: those every candidate pair shares, if any);
-    a pair on a training split a grid varies is its own entry ("a + b on method=random")."""
+    a pair on a training split a grid varies is its own entry ("a + b on method=random";
+    "a + b on data.train" for the spec's own split, when grids vary it)."""
     from orchestrator.pair_rules import grid_slots
+    from orchestrator.train_data import DEFAULT, train_variants
 
     grids_of: dict = {}
     for grid in spec.search:
         for slot in grid_slots(spec, grid):
             grids_of.setdefault(slot, []).append(grid)
-    return {_slot_label(slot): count_plan(spec, _slot_layers(world, slot), grids)
-            for slot, grids in grids_of.items()}
+    varied = train_variants(spec) != [DEFAULT]
+    return {_slot_label(slot) + (" on data.train" if varied and _on_data_train(slot) else ""):
+            count_plan(spec, _slot_layers(world, slot), grids) for slot, grids in grids_of.items()}
+
+
+def _on_data_train(slot) -> bool:
+    """A slot on the spec's own training split (a rank there is a bare int)."""
+    return isinstance(slot, int) or (not isinstance(slot, tuple) and not slot.train.options)
 
 
 def _slot_label(slot) -> str:

@@ -70,3 +70,11 @@ def test_validate_counts_each_training_split_and_says_its_size(tmp_path, tiny):
     assert "OK, 8 trials in 1 grid(s) on 1 encoder pair (3 image x 3 text layers)" in lines[0]
     assert "    size=300: 300 pairs (options.size)" in lines
     assert "  per encoder pair and training split (1 image x 1 text candidates):" in lines
+
+
+def test_the_specs_own_split_is_named_when_grids_vary_it(tmp_path, tiny):
+    spec = spec_of(tmp_path, tiny, [{"name": "sizes", "layers": "last", "n_train": 100,
+                                     "train_data": {"size": [300, 600]}}])  # 600: data.train's own
+    counts = count_pairs(spec, check_world(spec))
+    assert list(counts) == ["synthetic:image + synthetic:text on size=300",
+                            "synthetic:image + synthetic:text on data.train"]
