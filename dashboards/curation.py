@@ -73,11 +73,10 @@ def split_table(done: pd.DataFrame, metric: Optional[str], pairs: dict) -> pd.Da
         return pd.DataFrame()
     methods = D.with_methods(done.drop(columns=[TRAIN_DATA]), pairs)["method"]  # the split apart
     frame = pd.DataFrame({"method": methods, "split": split, "value": done[metric]})
-    table = frame.pivot_table(index="method", columns="split", values="value", aggfunc="mean")
-    counts = frame.pivot_table(index="method", columns="split", values="value", aggfunc="count")
+    both = frame.pivot_table(index="method", columns="split", values="value", aggfunc=["mean", "count"])
     order = list(dict.fromkeys(split))
-    table = table[order]
-    table.attrs["counts"] = counts[order].fillna(0).astype(int)
+    table = both["mean"][order]
+    table.attrs["counts"] = both["count"][order].fillna(0).astype(int)
     return table
 
 
@@ -111,9 +110,10 @@ def summary_html(summary: pd.DataFrame) -> str:
             f"<th>min / concept</th><th>max / concept</th><th>CV</th></tr>{rows}</table>")
 
 
-def curation_section(run, table: Optional[pd.DataFrame] = None) -> Optional[H.Section]:
+def curation_section(run, table: Optional[pd.DataFrame] = None,
+                     pairs: Optional[dict] = None) -> Optional[H.Section]:
     """Section 10, or None when the run read no curated dataset; ``table`` defaults to the
-    run directory's ``curation`` table."""
+    run directory's ``curation`` table, ``pairs`` to the run's special pairs."""
     if table is None:
         table = ResultsStore(run.run_dir).query("curation")
     frames = coverage_frames(table)
@@ -130,7 +130,7 @@ def curation_section(run, table: Optional[pd.DataFrame] = None) -> Optional[H.Se
         section.blocks += [coverage_figure(frame, f"Captions per concept: {name}"),
                            summary_html(coverage_summary(frame))]
     metric = D.headline_metric(run.done)
-    by_split = split_table(run.done, metric, D.run_pairs(run))
+    by_split = split_table(run.done, metric, D.run_pairs(run) if pairs is None else pairs)
     if not by_split.empty:
         section.blocks.append(split_html(by_split, metric))
     return section

@@ -267,7 +267,7 @@ def health_section(run: D.RunData) -> H.Section:
 def build_sections(run: D.RunData) -> list[H.Section]:
     """Every section, in page order."""
     pairs = D.run_pairs(run)
-    curation = curation_section(run)  # only for a run that read a curated dataset
+    curation = curation_section(run, pairs=pairs)  # only for a run that read a curated dataset
     return [summary_section(run), encoders_section(run), table_section(run, pairs),
             scaling_section(run, pairs), layers_section(run, pairs), sensitivity_section(run, pairs),
             search_section(run), health_section(run), neighbourhood_section(run),

@@ -232,11 +232,26 @@ def trained_pairs(spec: SweepSpec, ranking: Optional[list[EncoderPair]]) -> list
     return list(dict.fromkeys(p for grid in spec.search for p in grid_pairs(spec, grid, ranking)))
 
 
+@dataclass(frozen=True)
+class RankSlot:
+    """The ``rank``-th best pair of the selection (which one is known only once it ran), on
+    training split ``train``: what validation counts for a ``top`` rule."""
+
+    rank: int
+    train: TrainVariant = DEFAULT
+
+    @property
+    def label(self) -> str:
+        return f"rank {self.rank} on {self.train.label}" if self.train.options else f"rank {self.rank}"
+
+    def on(self, train: TrainVariant) -> RankSlot:
+        return dataclasses.replace(self, train=train)
+
+
 def grid_slots(spec: SweepSpec, grid: Grid) -> list:
-    """What validation can know of a grid's pairs: EncoderPairs, and ranks for ``top``
-    (ints; ``(rank, TrainVariant)`` on a varied training split)."""
-    return [slot.on(v) if isinstance(slot, EncoderPair) else (slot if not v.options else (slot, v))
-            for slot in _encoder_slots(spec, grid) for v in grid_variants(spec, grid)]
+    """What validation can know of a grid's pairs, on each of its training splits:
+    EncoderPairs, and a RankSlot per rank of a ``top`` rule."""
+    return [slot.on(v) for slot in _encoder_slots(spec, grid) for v in grid_variants(spec, grid)]
 
 
 def _encoder_slots(spec: SweepSpec, grid: Grid) -> list:
@@ -247,7 +262,7 @@ def _encoder_slots(spec: SweepSpec, grid: Grid) -> list:
         elif rule.kind == "all":
             slots.extend(all_pairs(spec.encoders))
         else:
-            slots.extend(range(1, top_k(spec, rule) + 1))
+            slots.extend(RankSlot(k) for k in range(1, top_k(spec, rule) + 1))
     return list(dict.fromkeys(slots))
 
 

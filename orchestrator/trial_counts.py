@@ -135,25 +135,13 @@ def count_pairs(spec: SweepSpec, world) -> dict[str, TrialCount]:
         for slot in grid_slots(spec, grid):
             grids_of.setdefault(slot, []).append(grid)
     varied = train_variants(spec) != [DEFAULT]
-    return {_slot_label(slot) + (" on data.train" if varied and _on_data_train(slot) else ""):
+    return {slot.label + (" on data.train" if varied and not slot.train.options else ""):
             count_plan(spec, _slot_layers(world, slot), grids) for slot, grids in grids_of.items()}
 
 
-def _on_data_train(slot) -> bool:
-    """A slot on the spec's own training split (a rank there is a bare int)."""
-    return isinstance(slot, int) or (not isinstance(slot, tuple) and not slot.train.options)
-
-
-def _slot_label(slot) -> str:
-    if isinstance(slot, tuple):  # (rank, TrainVariant): a rank on a varied training split
-        return f"{_slot_label(slot[0])} on {slot[1].label}"
-    return f"rank {slot}" if isinstance(slot, int) else slot.label
-
-
 def _slot_layers(world, slot) -> Optional[tuple[int, int]]:
-    if isinstance(slot, tuple):
-        return _slot_layers(world, slot[0])
-    return world.num_layers if isinstance(slot, int) else world.layers_of(slot.image, slot.text)
+    """An EncoderPair's layer counts; a rank's: those every candidate pair shares, if any."""
+    return world.layers_of(slot.image, slot.text) if hasattr(slot, "image") else world.num_layers
 
 
 def combine(per_pair: dict[str, TrialCount]) -> TrialCount:

@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from orchestrator.env_vars import unresolved_variables
+from orchestrator.pair_rules import RankSlot
 from orchestrator.pair_rules import grid_slots as _slots
 from orchestrator.train_data import DEFAULT, train_variants
 from orchestrator.trial_counts import TrialCount, combine, count_pairs
@@ -105,23 +106,22 @@ def _pair_count(spec: SweepSpec) -> str:
     from orchestrator.pair_rules import all_pairs
 
     slots = {_encoders_of(slot) for grid in spec.search for slot in _slots(spec, grid)}
-    named, ranks = {s for s in slots if not isinstance(s, int)}, {s for s in slots if isinstance(s, int)}
+    ranks = {s for s in slots if isinstance(s, RankSlot)}
+    named = slots - ranks
     n = min(len(all_pairs(spec.encoders)), len(named) + len(ranks))
     bound = "up to " if named and ranks else ""
     return f" on {bound}{n} encoder pair{'s' if n != 1 else ''}"
 
 
 def _encoders_of(slot):
-    """A slot without its training split: (image, text) indices, or a rank."""
-    if isinstance(slot, tuple):
-        return slot[0]
-    return slot if isinstance(slot, int) else (slot.image, slot.text)
+    """A slot without its training split: (image, text) indices, or its rank."""
+    return slot.on(DEFAULT) if isinstance(slot, RankSlot) else (slot.image, slot.text)
 
 
 def _run_time_only(spec: SweepSpec, count: TrialCount) -> list[str]:
     notes = []
     if spec.encoder_selection is not None and any(
-            isinstance(_encoders_of(slot), int) for g in spec.search for slot in _slots(spec, g)):
+            isinstance(slot, RankSlot) for g in spec.search for slot in _slots(spec, g)):
         notes.append("which encoder pairs the ranks are: ranked by the encoder-pair selection")
     rules = sorted({str(r) for g in spec.search for r in g.layer_rules() if r.needs_similarity})
     if rules:
