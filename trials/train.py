@@ -87,7 +87,7 @@ def train_alignment(image_head: nn.Module, text_head: nn.Module, loss_fn: nn.Mod
                     extra_image: Optional[torch.Tensor] = None,
                     extra_text: Optional[torch.Tensor] = None,
                     on_epoch: Optional[Callable[[int, dict], Optional[bool]]] = None,
-                    impl: str = "auto") -> TrainResult:
+                    impl: str = "auto", frozen_gram: str = "auto") -> TrainResult:
     """Train both heads in place with AdamW on ``loss_fn`` (§5.3); restore the best-val weights.
 
     ``loss_fn`` is a fresh ``trials.losses.AlignmentLoss`` (its λ warm-up is
@@ -102,6 +102,15 @@ def train_alignment(image_head: nn.Module, text_head: nn.Module, loss_fn: nn.Mod
     the reference up to float rounding; "auto" (default) is "fast" where the
     fused terms cover the options (cosine distance, official divergence) and
     "reference" elsewhere. Both run this same loop on the same batches.
+
+    ``frozen_gram`` ("auto" | "on" | "off") is how the fast path gets a
+    training batch's frozen similarity: from a Gram matrix of all training
+    rows built once per trial, or recomputed per batch. "auto" builds it where
+    the options allow it (mean or no centring, not centre-first, no FuseMix,
+    fixed structure or extras) and it pays (enough epochs, within
+    ``fast_loop.GRAM_CACHE_BYTES``); "on" builds it wherever the options
+    allow it and raises elsewhere, the reference path included; see
+    ``fast_loop.wants_gram``. Same numbers up to float rounding.
     """
     check_choice("impl", impl, IMPLS)
     device = torch.device(config.device)
@@ -111,8 +120,12 @@ def train_alignment(image_head: nn.Module, text_head: nn.Module, loss_fn: nn.Mod
     gen = torch.Generator(device=device).manual_seed(config.seed)
     only_unimodal = getattr(loss_fn, "use_only_unimodal", False)
     fused = fast_loop.fused_twin(loss_fn, impl)
+    gram = fast_loop.wants_gram(frozen_gram, fused, loss_fn, config, len(data[0]), impl=impl,
+                                extras=any(x is not None for x in extras))
     if fused is not None:
         fast_loop.cache_validation(fused, data[2], data[3], config.batch_size)
+    if gram:
+        fused.cache_gram(data[0], data[1])
     with torch.random.fork_rng(devices=_rng_devices(device)):
         torch.manual_seed(config.seed)  # dropout
         try:
@@ -156,12 +169,16 @@ def _train_epoch(heads, loss_fn, optimizer, scheduler, train_image, train_text, 
     perm = torch.randperm(n, generator=gen, device=train_image.device)
     fixed = _fixed_batch(train_image, train_text, perm, bs, gen, loss_fn) if config.fixed_structure else None
     chunks = [_extra_chunks(x, bs, gen) for x in extras]
+    # the fast path with training Grams reads the batch's frozen similarity by row index
+    gram = loss_fn if isinstance(loss_fn, fast_loop.FusedAlignmentLoss) and loss_fn.has_gram else None
     total, count, last_lr = torch.zeros((), device=train_image.device), 0, math.nan
     for start in range(0, n, bs):
         idx = perm[start:start + bs]
         if config.mixup_alpha > 0 and len(idx) < bs:
             continue  # FuseMix skips the incomplete batch
         x_img, x_txt = train_image[idx], train_text[idx]
+        if gram is not None:
+            gram.training_batch(x_img, x_txt, idx)
         if config.mixup_alpha > 0:
             x_img, x_txt = _fusemix(x_img, x_txt, train_image, train_text, perm, start, bs,
                                     mix_rng.beta(config.mixup_alpha, config.mixup_alpha))

@@ -2,10 +2,13 @@
 
 Over 20 epochs, every epoch's training and validation loss, the best epoch and
 the final weights must agree within 1e-5 relative, for each option the fast
-path covers; options it does not cover fall back to the reference path.
+path covers, with the training batches' frozen similarity recomputed per batch
+and read from the training Gram; options it does not cover fall back to the
+reference path.
 """
 
 import math
+import re
 
 import pytest
 import torch
@@ -13,6 +16,7 @@ import torch
 from trials import fast_loop
 from trials.heads import build_head
 from trials.losses import AlignmentLoss
+from trials.packed_loss import FrozenGram
 from trials.train import train_alignment
 from trials.train_options import TrainConfig
 
@@ -29,18 +33,20 @@ def _pairs(n, seed, d_img=24, d_txt=16, latent=6, noise=0.3):
             z @ mix_txt + noise * torch.randn(n, d_txt, generator=g))
 
 
-def _run(impl, loss_options, train_options, head="linear", extras=False):
+def _run(impl, loss_options, train_options, head="linear", extras=False, frozen_gram="auto"):
     heads = (build_head(head, 24, 8, seed=0), build_head(head, 16, 8, seed=1))
     loss_fn = AlignmentLoss(**{"warmup_steps": 3, **loss_options})
     config = TrainConfig(**{"epochs": 20, "batch_size": 64, "lr": 1e-2, "patience": 100, **train_options})
     extra = dict(zip(("extra_image", "extra_text"), _pairs(50, 9))) if extras else {}
-    result = train_alignment(*heads, loss_fn, *_pairs(150, 1), *_pairs(70, 2), config, impl=impl, **extra)
+    result = train_alignment(*heads, loss_fn, *_pairs(150, 1), *_pairs(70, 2), config, impl=impl,
+                             frozen_gram=frozen_gram, **extra)
     return result, [t.detach().clone() for h in heads for t in h.state_dict().values()], loss_fn
 
 
-def _assert_same_run(loss_options, train_options, **kwargs):
-    (ref, ref_weights, ref_loss), (fast, fast_weights, fast_loss) = (
-        _run(impl, loss_options, train_options, **kwargs) for impl in ("reference", "fast"))
+def _assert_same_run(loss_options, train_options, frozen_gram="off", **kwargs):
+    """The fast path (per-batch frozen side by default) against the reference, epoch by epoch."""
+    ref, ref_weights, ref_loss = _run("reference", loss_options, train_options, **kwargs)
+    fast, fast_weights, fast_loss = _run("fast", loss_options, train_options, frozen_gram=frozen_gram, **kwargs)
     assert len(fast.history) == len(ref.history)
     for ref_row, fast_row in zip(ref.history, fast.history):
         for key in ("train_loss", "val_loss"):
@@ -83,6 +89,83 @@ def test_fast_path_equals_the_reference(case):
 def test_fast_path_equals_the_reference_with_extras_and_dropout():
     _assert_same_run(dict(structure_levels=2), {}, extras=True)
     _assert_same_run({}, {}, head="mlp")  # dropout draws from the same seeded RNG on both paths
+
+
+# the frozen similarity of every training batch read from the Grams: 150 rows in batches of 64
+# (the last one short), λ warmed up over 3 steps
+GRAM_CASES = {
+    "mean": ({}, {}, "linear"),
+    "mean_levels2_inverse": (dict(structure_levels=2, structure_weighting="inverse"), {}, "linear"),
+    "none_levels2_margin": (dict(structure_centering="none", structure_levels=2, structure_margin=0.05), {}, "linear"),
+    "none_paper_sum": (dict(structure_centering="none", paper_sum=True, normalize_latents=False), {}, "linear"),
+    "one_batch": ({}, dict(batch_size=200), "linear"),
+    "lr_finder": ({}, dict(lr=None, lr_finder_iters=30), "linear"),  # the finder's batches: recomputed
+    "mlp_dropout_batch_divides_n": (dict(structure_levels=2), dict(batch_size=50), "mlp"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(GRAM_CASES))
+def test_the_training_gram_gives_the_reference_numbers(case, monkeypatch):
+    loss_options, train_options, head = GRAM_CASES[case]
+    calls, inner = [], FrozenGram.similarity
+    monkeypatch.setattr(FrozenGram, "similarity", lambda self, *a, **k: calls.append(1) or inner(self, *a, **k))
+    _assert_same_run(loss_options, train_options, frozen_gram="on", head=head)
+    batch_size = train_options.get("batch_size", 64)
+    steps = 20 * math.ceil(150 / batch_size)
+    assert len(calls) == 2 * (steps - 1)  # every training batch but the first (λ = 0), both modalities
+
+
+def _gram_wanted(choice="auto", loss_options=None, extras=False, impl="auto", **train_options):
+    loss_fn = AlignmentLoss(**(loss_options or {}))
+    config = TrainConfig(**{"epochs": 20, "batch_size": 64, **train_options})
+    return fast_loop.wants_gram(choice, fast_loop.fused_twin(loss_fn, impl), loss_fn, config, 150,
+                                impl=impl, extras=extras)
+
+
+def test_auto_builds_the_gram_where_it_pays_and_fits(monkeypatch):
+    # pays: more than GRAM_PAYBACK·N/batch = 2·150/64 = 4.7 epochs
+    assert _gram_wanted(epochs=5) and not _gram_wanted(epochs=4)
+    assert _gram_wanted(epochs=3, batch_size=150) and not _gram_wanted(epochs=2, batch_size=150)  # one batch
+    needed = (2 * 150 * 150 + 64 * 150) * 4  # two float32 150×150 Grams and the 64×150 gather scratch
+    monkeypatch.setattr(fast_loop, "GRAM_CACHE_BYTES", needed)
+    assert _gram_wanted()
+    monkeypatch.setattr(fast_loop, "GRAM_CACHE_BYTES", needed - 1)
+    assert not _gram_wanted()
+    assert _gram_wanted("on", epochs=1)  # "on" skips both cost rules
+    assert not _gram_wanted("off")
+    assert not _gram_wanted(loss_options=dict(structure_centering="standard"))  # "auto": skipped, no error
+    assert not _gram_wanted(impl="reference")
+
+
+def test_train_alignment_builds_the_gram_as_auto_decides(monkeypatch):
+    built = []
+    inner = fast_loop.FusedAlignmentLoss.cache_gram
+    monkeypatch.setattr(fast_loop.FusedAlignmentLoss, "cache_gram", lambda self, *a: built.append(1) or inner(self, *a))
+    for epochs, expected in ((4, []), (5, [1])):
+        built.clear()
+        _run("auto", {}, dict(epochs=epochs))
+        assert built == expected, epochs
+
+
+@pytest.mark.parametrize("loss_options, train_options, kwargs, named", [
+    (dict(structure_centering="standard"), {}, {}, "structure_centering='standard'"),
+    (dict(structure_center_first=True), {}, {}, "structure_center_first"),
+    (dict(structure_lambda=0.0), {}, {}, "structure_lambda"),
+    ({}, dict(mixup_alpha=0.4), {}, "mixup_alpha"),
+    ({}, dict(fixed_structure=True), {}, "fixed_structure"),
+    ({}, {}, dict(extras=True), "extra_image"),
+    ({}, {}, dict(impl="reference"), "impl='reference'"),
+    (dict(structure_distance="rbf"), {}, {}, "structure_distance='rbf'"),
+])
+def test_gram_on_refuses_options_it_does_not_cover(loss_options, train_options, kwargs, named):
+    impl = kwargs.pop("impl", "auto")
+    with pytest.raises(ValueError, match="frozen_gram='on' does not cover .*" + re.escape(named)):
+        _run(impl, loss_options, {"epochs": 1, **train_options}, frozen_gram="on", **kwargs)
+
+
+def test_unknown_frozen_gram_is_rejected():
+    with pytest.raises(ValueError, match="frozen_gram"):
+        _run("fast", {}, dict(epochs=1), frozen_gram="sometimes")
 
 
 def test_auto_picks_the_fast_path_where_it_applies(monkeypatch):

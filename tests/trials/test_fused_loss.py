@@ -155,6 +155,28 @@ def test_the_gram_refuses_other_centrings():
         FrozenGram(torch.randn(5, 3), "standard")
 
 
+@pytest.mark.parametrize("overrides", [dict(), dict(structure_levels=2, structure_centering="none")])
+def test_the_twin_reads_an_announced_training_batch_from_the_gram(overrides, monkeypatch):
+    """Rows in batch (unsorted) order: the twin sorts them and permutes the aligned rows alike;
+    value and gradient are the reference's."""
+    g = torch.Generator().manual_seed(3)
+    train_img, train_txt = torch.randn(40, 10, generator=g, dtype=F64), torch.randn(40, 12, generator=g, dtype=F64)
+    rows = torch.randperm(40, generator=g)[:17]
+    img_a, txt_a = (torch.randn(17, 6, generator=g, dtype=F64).requires_grad_(True) for _ in range(2))
+    twin = FusedAlignmentLoss(**overrides)
+    twin.cache_gram(train_img, train_txt)
+    img_o, txt_o = train_img[rows], train_txt[rows]
+    twin.training_batch(img_o, txt_o, rows)
+    calls, inner = [], FrozenGram.similarity
+    monkeypatch.setattr(FrozenGram, "similarity", lambda self, *a, **k: calls.append(1) or inner(self, *a, **k))
+    fused = twin(img_a, txt_a, img_o, txt_o)["overall_loss"]
+    ref = AlignmentLoss(**overrides)(img_a, txt_a, img_o, txt_o)["overall_loss"]
+    assert len(calls) == 2  # both modalities from their Gram
+    assert fused.item() == pytest.approx(ref.item(), rel=1e-12)
+    for mine, theirs in zip(torch.autograd.grad(fused, (img_a, txt_a)), torch.autograd.grad(ref, (img_a, txt_a))):
+        assert _relative(mine, theirs) < 1e-10
+
+
 # ------------------------------------------------------------------ the fused twin of AlignmentLoss
 
 

@@ -194,7 +194,9 @@ def test_bad_config_values_are_rejected():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="host-sync checks need CUDA")
-def test_no_host_sync_inside_the_step_loop(monkeypatch):
+@pytest.mark.parametrize("options, kwargs", [({"fixed_structure": True}, {}),
+                                             ({}, {"frozen_gram": "on"})])  # batches read from the Gram
+def test_no_host_sync_inside_the_step_loop(monkeypatch, options, kwargs):
     inner = train_module._train_epoch
 
     def strict(*args, **kwargs):
@@ -205,6 +207,6 @@ def test_no_host_sync_inside_the_step_loop(monkeypatch):
             torch.cuda.set_sync_debug_mode("default")
 
     monkeypatch.setattr(train_module, "_train_epoch", strict)
-    config = TrainConfig(epochs=2, batch_size=32, lr=1e-2, device="cuda", fixed_structure=True)
-    result, _, _ = _run(config, lam=10.0, warmup=1)
+    config = TrainConfig(epochs=2, batch_size=32, lr=1e-2, device="cuda", **options)
+    result, _, _ = _run(config, lam=10.0, warmup=1, **kwargs)
     assert len(result.history) == 2
