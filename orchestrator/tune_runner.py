@@ -41,7 +41,7 @@ from orchestrator.schema import ASHA_METRIC, fair_objective, finished_statuses
 from orchestrator.spec import SweepSpec
 from orchestrator.status import write_plan
 from orchestrator.tune_search import TaskQueue, optuna_searcher
-from orchestrator.worker import OptunaGridTask, TrialTask, WorkerContext, WorkerPayload, trainable
+from orchestrator.worker import OptunaGridTask, TrialTask, WorkerContext, WorkerPayload, layer_pair, trainable
 from trials.packed import pack_key
 
 
@@ -135,7 +135,7 @@ class TuneRunner:
     def _run_wave(self, wave: list[PlannedTrial], features: FeatureSet) -> None:
         tasks = tuple(TrialTask(tuple(group))
                       for group in group_tasks(wave, self.spec.tune.run_config.trials_per_task))
-        pooled = [t.layers for t in tasks if not all(needs_tokens(p.config.head) for p in t.trials)]
+        pooled = list(dict.fromkeys(layer_pair(t) for t in wave if not needs_tokens(t.config.head)))
         refs = put_layers(self.store, features, pooled)  # token heads read the token store
         payload = WorkerPayload(features, refs, self._context(), tasks=tasks)
         self._fit(payload, len(tasks), TaskQueue(len(tasks)), total=len(wave))
@@ -247,26 +247,21 @@ def waves(pending: list[PlannedTrial], features: FeatureSet, store: FeatureStore
 
 
 def group_tasks(pending: list[PlannedTrial], size: int) -> list[list[PlannedTrial]]:
-    """Tune trials of up to ``size`` planned trials sharing one layer pair; within a pair,
-    trials of one shape (``trials.packed.pack_key``) come together, so a task's trials
-    form as few packs as possible."""
+    """Tune trials of up to ``size`` planned trials. Trials of one packable shape
+    (``trials.packed.pack_key``) come together whatever their layer pair, so a task's trials
+    form as few packs as possible; the others come together by layer pair (one fetch)."""
     if size <= 1:
         return [[t] for t in pending]
-    by_pair = defaultdict(list)
+    groups = defaultdict(list)
     for t in pending:
-        by_pair[(t.config.image_layer, t.config.text_layer)].append(t)
-    for group in by_pair.values():
-        group.sort(key=_shape)  # stable: planned order within a shape
-    return [group[k:k + size] for group in by_pair.values() for k in range(0, len(group), size)]
-
-
-def _shape(trial: PlannedTrial) -> tuple[bool, str]:
-    key = pack_key(trial.config)
-    return key is None, repr(key)  # repr: keys mix None and numbers, which do not compare
+        key = pack_key(t.config)
+        groups[("shape", key) if key is not None else ("pair", layer_pair(t))].append(t)
+    ordered = sorted(groups.values(), key=lambda group: pack_key(group[0].config) is None)  # packs first
+    return [group[k:k + size] for group in ordered for k in range(0, len(group), size)]
 
 
 def _pairs(trials: list[PlannedTrial]) -> list[tuple[int, int]]:
-    return [(t.config.image_layer, t.config.text_layer) for t in trials]
+    return [layer_pair(t) for t in trials]
 
 
 # --- features in the object store -----------------------------------------------------------

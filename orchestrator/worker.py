@@ -76,24 +76,23 @@ class WorkerContext:
 
 @dataclass(frozen=True)
 class TrialTask:
-    """The planned trials of one Tune trial; all on one layer pair."""
+    """The planned trials of one Tune trial, on one layer pair or several (a pack of one
+    shape may span layer pairs: each member reads its own)."""
 
     trials: tuple[PlannedTrial, ...]
 
     def __post_init__(self):
         if not self.trials:
             raise ValueError("a TrialTask needs at least one trial")
-        if len({self._pair(t) for t in self.trials}) != 1:
-            raise ValueError("the trials of one TrialTask must share their layer pair")
-
-    @staticmethod
-    def _pair(trial: PlannedTrial) -> tuple[int, int]:
-        return trial.config.image_layer, trial.config.text_layer
 
     @property
-    def layers(self) -> tuple[int, int]:
-        """(image layer, text layer) of every trial of the task."""
-        return self._pair(self.trials[0])
+    def pairs(self) -> list[tuple[int, int]]:
+        """The (image layer, text layer) pairs its trials read, in task order."""
+        return list(dict.fromkeys(layer_pair(t) for t in self.trials))
+
+
+def layer_pair(trial: PlannedTrial) -> tuple[int, int]:
+    return trial.config.image_layer, trial.config.text_layer
 
 
 @dataclass(frozen=True)
@@ -130,9 +129,9 @@ class WorkerPayload:
 def run_task(task: TrialTask, features: FeatureSet, fetch: Fetch,
              context: WorkerContext = WorkerContext(), *, report: Optional[Report] = None,
              train: Train = run_trial) -> list[dict]:
-    """Run every trial of ``task`` on its two layers; one row per trial.
+    """Run every trial of ``task`` on its layer pair; one row per trial.
 
-    The layers are fetched once for the whole task. A trial failing with a
+    Each layer pair is fetched once for the whole task. A trial failing with a
     :data:`DETERMINISTIC_ERRORS` error becomes a failed row. Any other error
     (worker death, CUDA OOM: maybe transient) is raised for a one-trial task,
     so Tune retries it; in a task of several it is a failed row, so the
@@ -146,10 +145,10 @@ def run_task(task: TrialTask, features: FeatureSet, fetch: Fetch,
     packing = (context.pack and train is run_trial and on_epoch is None and len(task.trials) > 1
                and any(pack_key(t.config) is not None for t in task.trials))
     outcomes: dict[int, tuple] = {}  # trial index -> (status, error, metrics, start, end, seconds)
-    units = plan_packs(task.trials, inputs.pooled(), context) if packing else [[i] for i in range(len(task.trials))]
+    units = plan_packs(task.trials, inputs.pooled, context) if packing else [[i] for i in range(len(task.trials))]
     for unit in units:
         if len(unit) > 1:
-            outcomes.update(_run_pack(unit, task.trials, inputs.pooled(), context.device))
+            outcomes.update(_run_pack(unit, task.trials, inputs.pooled, context.device))
         for i in unit:  # single trials, and the members of a pack that failed as a whole
             if i not in outcomes:
                 t0 = time.time()
@@ -169,44 +168,54 @@ def run_task(task: TrialTask, features: FeatureSet, fetch: Fetch,
 
 
 class _TaskInputs:
-    """A task's two layers, read once and only if a trial needs them: pooled features
+    """A task's layers, each pair read once and only if a trial needs it: pooled features
     for pooled heads (trained by ``train``), token sets for token heads."""
 
     def __init__(self, task: TrialTask, features: FeatureSet, fetch: Fetch, context: WorkerContext,
                  train: Train):
         self.task, self.features, self.fetch, self.context, self.train = task, features, fetch, context, train
-        self._pooled: Optional[TrialData] = None
-        self._tokens: Optional[TokenTrialData] = None
+        self._pooled: dict[tuple[int, int], TrialData] = {}
+        self._tokens: dict[tuple[int, int], TokenTrialData] = {}
 
     def of(self, trial: PlannedTrial) -> tuple[Any, Train]:
         """(the trial's data, the function that runs it)."""
+        pair = layer_pair(trial)
         if needs_tokens(trial.config.head):
-            if self._tokens is None:
+            if pair not in self._tokens:
                 from orchestrator.token_features import token_trial_data
 
-                self._tokens = token_trial_data(self.features, *self.task.layers,
-                                                self.context.token_memory_budget_gb)
-            return self._tokens, run_token_trial
-        return self.pooled(), self.train
+                self._tokens[pair] = token_trial_data(self.features, *pair, self.context.token_memory_budget_gb)
+            return self._tokens[pair], run_token_trial
+        return self.pooled(trial), self.train
 
-    def pooled(self) -> TrialData:
-        if self._pooled is None:
-            self._pooled = trial_data(self.features, self.fetch, *self.task.layers)
-        return self._pooled
+    def pooled(self, trial: PlannedTrial) -> TrialData:
+        """The pooled features of the trial's layer pair."""
+        pair = layer_pair(trial)
+        if pair not in self._pooled:
+            self._pooled[pair] = trial_data(self.features, self.fetch, *pair)
+        return self._pooled[pair]
 
 
-def plan_packs(trials: tuple[PlannedTrial, ...], data: TrialData, context: WorkerContext) -> list[list[int]]:
+def plan_packs(trials: tuple[PlannedTrial, ...], data_of: Callable[[PlannedTrial], TrialData],
+               context: WorkerContext) -> list[list[int]]:
     """The task's trials as units to run, by index: packs of equal :func:`~trials.packed.pack_key`
-    (at most ``context.pack_size`` and :func:`pack_cap` each) and single trials, in task order."""
+    and equal data shapes (on any layer pairs; at most ``context.pack_size`` and :func:`pack_cap`
+    each) and single trials, in task order. ``data_of(trial)`` is its layer pair's data."""
     groups: dict[Any, list[int]] = {}
     for i, trial in enumerate(trials):
         key = pack_key(trial.config)
-        groups.setdefault(("alone", i) if key is None else key, []).append(i)
+        groups.setdefault(("alone", i) if key is None else (key, _data_shape(data_of(trial))), []).append(i)
     units = []
     for members in groups.values():
-        size = min(context.pack_size or len(members), pack_cap(trials[members[0]].config, data, context.device))
+        first = trials[members[0]]
+        size = min(context.pack_size or len(members), pack_cap(first.config, data_of(first), context.device))
         units += [members[k:k + size] for k in range(0, len(members), max(size, 1))]
     return sorted(units)
+
+
+def _data_shape(data: TrialData) -> tuple:
+    """What members on different layer pairs must share to train as one stack."""
+    return tuple(x.shape for x in (data.train_image, data.train_text, data.val_image, data.val_text))
 
 
 def pack_cap(config, data: TrialData, device: str) -> int:
@@ -222,12 +231,15 @@ def pack_cap(config, data: TrialData, device: str) -> int:
     return max(1, int(share * free // per_member))
 
 
-def _run_pack(members: list[int], trials, data: TrialData, device: str) -> dict[int, tuple]:
+def _run_pack(members: list[int], trials, data_of: Callable[[PlannedTrial], TrialData],
+              device: str) -> dict[int, tuple]:
     """Outcomes of one pack by trial index; empty when the pack failed as a whole (e.g. out of
     memory): its members then run one by one, as they would unpacked."""
     t0 = time.time()
+    data = [data_of(trials[i]) for i in members]
+    shared = data[0] if all(d is data[0] for d in data) else data  # one layer pair: shared rows
     try:
-        results = run_pack(data, [trials[i].config for i in members], device=device)
+        results = run_pack(shared, [trials[i].config for i in members], device=device)
     except Exception:  # noqa: BLE001 (the fallback is the unpacked path, with its own error rules)
         return {}
     end = time.time()

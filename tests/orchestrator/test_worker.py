@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -156,12 +157,25 @@ def test_a_final_report_shows_tune_no_metric_but_a_one_row_tasks_objective():
     assert "best_val_clip_loss" not in final_report(two, "best_val_clip_loss")  # grid tasks: no searcher
 
 
-def test_a_task_holds_trials_of_one_layer_pair():
-    assert TrialTask((trial("a"), trial("b", seed=3))).layers == (1, 2)
-    with pytest.raises(ValueError, match="layer pair"):
-        TrialTask((trial("a"), trial("b", image_layer=0)))
+def test_a_task_names_the_layer_pairs_its_trials_read():
+    assert TrialTask((trial("a"), trial("b", seed=3))).pairs == [(1, 2)]
+    assert TrialTask((trial("a"), trial("b", image_layer=0), trial("c"))).pairs == [(1, 2), (0, 2)]
     with pytest.raises(ValueError, match="at least one"):
         TrialTask(())
+
+
+def test_a_task_on_two_layer_pairs_reads_each_pair_once(features):
+    fetch, reads = Fetch(features), Counter()
+
+    def counting(key, layer):
+        reads[key, layer] += 1
+        return fetch(key, layer)
+    task = TrialTask((trial("a"), trial("b", image_layer=0, text_layer=0), trial("c", seed=3)))
+    rows = run_task(task, features, counting, WorkerContext(pack=False))
+    assert [r["status"] for r in rows] == [DONE] * 3
+    assert rows[0]["best_val_loss"] != rows[1]["best_val_loss"]  # other layers, other features
+    train_reads = {k: v for k, v in reads.items() if k[0].startswith("train/")}
+    assert train_reads == {("train/image", 1): 1, ("train/text", 2): 1, ("train/image", 0): 1, ("train/text", 0): 1}
 
 
 def test_a_grid_payload_maps_a_tune_config_to_its_task(features):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -58,9 +59,9 @@ def test_packed_task_gives_the_rows_of_the_unpacked_task(features):
 
 def test_plan_packs_groups_equal_shapes_in_task_order_within_pack_size(features):
     task = mixed_task()
-    data = trial_data(features, Fetch(features), *task.layers)
-    assert plan_packs(task.trials, data, WorkerContext()) == [[0, 1, 4, 6], [2], [3, 5]]
-    assert plan_packs(task.trials, data, WorkerContext(pack_size=2)) == [[0, 1], [2], [3, 5], [4, 6]]
+    data = trial_data(features, Fetch(features), *task.pairs[0])
+    assert plan_packs(task.trials, lambda t: data, WorkerContext()) == [[0, 1, 4, 6], [2], [3, 5]]
+    assert plan_packs(task.trials, lambda t: data, WorkerContext(pack_size=2)) == [[0, 1], [2], [3, 5], [4, 6]]
     assert pack_cap(task.trials[0].config, data, "cpu") > 100  # tiny trials: memory is no limit
 
 
@@ -107,3 +108,53 @@ def test_tasks_put_trials_of_one_shape_together():
     changes = sum(a != b for a, b in zip(shapes, shapes[1:]))
     assert changes == 2 and shapes[-1] == ("mlp", 64)  # each shape contiguous, unpackable last
     assert [t.fingerprint for t in flat if shapes_of(t) == ("linear", 64)] == ["t0", "t4"]  # planned order kept
+
+
+def cross_pair_task() -> TrialTask:
+    """One shape on three layer pairs, λ = 0 and > 0, and a member that stops at once."""
+    return TrialTask((trial("a", seed=0), trial("b", seed=1, image_layer=0, text_layer=0),
+                      trial("c", seed=2, image_layer=2, text_layer=1, structure_lambda=0.0),
+                      trial("d", seed=3, image_layer=0, text_layer=0, patience=1, epochs=1)))
+
+
+def test_one_shape_on_several_layer_pairs_is_one_pack_with_the_rows_of_each_trial_alone(features, monkeypatch):
+    import orchestrator.worker as worker
+
+    packs = []
+    real_run_pack = worker.run_pack
+
+    def recording(data, configs, **kwargs):
+        packs.append([(c.image_layer, c.text_layer) for c in configs])
+        return real_run_pack(data, configs, **kwargs)
+
+    monkeypatch.setattr(worker, "run_pack", recording)
+    packed = run_task(cross_pair_task(), features, Fetch(features))
+    assert packs == [[(1, 2), (0, 0), (2, 1), (0, 0)]]  # one pack over three layer pairs
+    alone = run_task(cross_pair_task(), features, Fetch(features), UNPACKED)
+    assert [r["status"] for r in packed] == [r["status"] for r in alone] == [DONE] * 4
+    for row, alone_row in zip(packed, alone):
+        for key in set(alone_row) - TIMING - {"error", EPOCHS_JSON}:
+            assert close(row[key], alone_row[key]), (row["fingerprint"], key, row[key], alone_row[key])
+    assert packed[0]["best_val_loss"] != packed[1]["best_val_loss"]
+
+
+def test_trials_of_different_feature_shapes_never_share_a_pack(features):
+    task = cross_pair_task()
+    wide = trial_data(features, Fetch(features), 1, 2)
+    narrow = dataclasses.replace(wide, train_image=wide.train_image[:, :4], val_image=wide.val_image[:, :4])
+    data_of = {(1, 2): wide, (0, 0): narrow, (2, 1): wide}
+    units = plan_packs(task.trials, lambda t: data_of[t.config.image_layer, t.config.text_layer], WorkerContext())
+    assert units == [[0, 2], [1, 3]]
+
+
+def test_tasks_gather_one_shape_across_layer_pairs():
+    from orchestrator.planning import PlannedTrial
+    from orchestrator.tune_runner import group_tasks
+    from trials.config import TrialConfig
+
+    trials = [PlannedTrial(f"t{i}", "g", TrialConfig(image_layer=i % 3, text_layer=i % 2, seed=i,
+                                                    head="mlp" if i >= 6 else "linear"))
+              for i in range(8)]
+    tasks = group_tasks(trials, 10)
+    # the six linear trials sit on six layer pairs and form one task; the mlp ones go by pair
+    assert [[t.fingerprint for t in task] for task in tasks] == [[f"t{i}" for i in range(6)], ["t6"], ["t7"]]
