@@ -52,6 +52,8 @@ from trials.trial import EPOCH_ROWS, TrialData, _evaluate, _head_class_vectors, 
 # What each member of a pack may set for itself; every other TrialConfig field is shared.
 MEMBER_FIELDS = ("seed", "lr", "temperature", "structure_lambda", "warmup_steps", "weight_decay",
                  "grad_clip", "patience", "epochs")
+# Which features a member reads: its own TrialData in run_pack (the pack checks their shapes)
+DATA_FIELDS = ("image_layer", "text_layer")
 
 
 def unpackable(config: TrialConfig) -> list[str]:
@@ -69,11 +71,14 @@ def unpackable(config: TrialConfig) -> list[str]:
 
 
 def pack_key(config: TrialConfig) -> Optional[tuple]:
-    """The shape signature of a trial: trials with equal keys can share a pack; None: never packed."""
+    """The shape signature of a trial: trials with equal keys can share a pack; None: never packed.
+
+    The layer pair is not in it: trials on different layer pairs pack together when their
+    data have the same dimensions and row counts (:func:`run_pack` checks)."""
     if unpackable(config):
         return None
     shared = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)
-              if f.name not in MEMBER_FIELDS}
+              if f.name not in MEMBER_FIELDS + DATA_FIELDS}
     shared["head_options"] = tuple(sorted(config.head_options.items()))
     return tuple(sorted(shared.items()))
 

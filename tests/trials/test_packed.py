@@ -159,8 +159,10 @@ def test_pack_key_groups_trials_of_one_shape():
     member_only = TrialConfig(**{**BASE, "epochs": 9, "patience": 2}, seed=7, lr=None, temperature=0.2,
                               structure_lambda=0.0, weight_decay=0.1, grad_clip=0.0)
     assert pack_key(a) == pack_key(member_only)
+    # the layer pair is a member's own data (run_pack checks the data's shapes)
+    assert pack_key(a) == pack_key(TrialConfig(**BASE, image_layer=3, text_layer=5))
     for other in (dict(n_train=60), dict(out_dim=4), dict(batch_size=32), dict(structure_levels=2),
-                  dict(head="res_low_rank"), dict(image_layer=3)):
+                  dict(head="res_low_rank")):
         assert pack_key(TrialConfig(**{**BASE, **other})) != pack_key(a), other
     for unpackable_config in (dict(head="mlp"), dict(head="csa"), dict(structure_distance="rbf"),
                               dict(head="res_low_rank", head_options={"gate_init": 0.5}),
@@ -182,10 +184,12 @@ def test_members_on_different_layer_pairs_equal_their_trials_alone_on_their_data
     frozen R_S half), probe and evaluation; λ 0 and > 0, differing seeds and temperatures."""
     common = dict(BASE, head=head, head_options=head_options)
     datas = [data, other_layers[0], data, other_layers[1]]
-    configs = [TrialConfig(**common, seed=0, lr=3e-3, structure_lambda=1.0),
-               TrialConfig(**common, seed=1, lr=1e-3, structure_lambda=0.0),
-               TrialConfig(**common, seed=2, lr=5e-3, structure_lambda=10.0, temperature=0.1),
-               TrialConfig(**common, seed=3, lr=2e-3, structure_lambda=2.0)]
+    configs = [TrialConfig(**common, seed=0, lr=3e-3, structure_lambda=1.0, image_layer=0, text_layer=0),
+               TrialConfig(**common, seed=1, lr=1e-3, structure_lambda=0.0, image_layer=1, text_layer=1),
+               TrialConfig(**common, seed=2, lr=5e-3, structure_lambda=10.0, temperature=0.1,
+                           image_layer=0, text_layer=0),
+               TrialConfig(**common, seed=3, lr=2e-3, structure_lambda=2.0, image_layer=2, text_layer=1)]
+    assert len({pack_key(c) for c in configs}) == 1
     for config, member_data, packed in zip(configs, datas, run_pack(datas, configs)):
         assert_same_as_alone(packed, run_trial(member_data, config))
 
