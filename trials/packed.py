@@ -6,9 +6,13 @@ options) as one stacked computation: head weights [P, ...], batches
 [P, n, d], the loss of :mod:`trials.packed_loss`. Each member keeps what
 makes it its own trial: its subsample and batch order (its seed), λ and
 warm-up, temperature, learning rate (or its own LR-finder result), weight
-decay, clipping, epochs and patience, early stopping and best-epoch restore.
+decay, clipping, epochs and patience, early stopping and best-epoch restore,
+and its layer pair: its own :class:`~trials.trial.TrialData` (training rows,
+validation rows and their frozen R_S half, neighbourhood probe, evaluation
+sets), of the same dimensions and row counts as the other members'. Members
+that read one TrialData share its validation rows and their frozen half.
 A member's results equal those of :func:`trials.trial.run_trial` on the same
-config up to float rounding (checked within 1e-5 relative by
+config and data up to float rounding (checked within 1e-5 relative by
 ``tests/trials/test_packed.py``).
 
 How members that stop are handled: they leave the stack (their tensors are
@@ -21,8 +25,8 @@ loss, exactly as their trial alone would, then join the pack with the LR found.
 What is not packed (:func:`unpackable` says why; :func:`pack_key` is None):
 heads other than ``linear`` and ``res_low_rank`` with its official stuck gate
 (see :mod:`trials.packed_heads`), the reference-only loss options (rbf or
-spearman distance, textbook JS), FuseMix and fixed_structure. Unpaired
-extras in the data make :func:`run_pack` run its members one by one.
+spearman distance, textbook JS), FuseMix and fixed_structure. A member whose
+data has unpaired extras runs alone (:func:`trials.trial.run_trial`).
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -48,6 +52,8 @@ from trials.trial import EPOCH_ROWS, TrialData, _evaluate, _head_class_vectors, 
 # What each member of a pack may set for itself; every other TrialConfig field is shared.
 MEMBER_FIELDS = ("seed", "lr", "temperature", "structure_lambda", "warmup_steps", "weight_decay",
                  "grad_clip", "patience", "epochs")
+# Which features a member reads: its own TrialData in run_pack (the pack checks their shapes)
+DATA_FIELDS = ("image_layer", "text_layer")
 
 
 def unpackable(config: TrialConfig) -> list[str]:
@@ -65,11 +71,14 @@ def unpackable(config: TrialConfig) -> list[str]:
 
 
 def pack_key(config: TrialConfig) -> Optional[tuple]:
-    """The shape signature of a trial: trials with equal keys can share a pack; None: never packed."""
+    """The shape signature of a trial: trials with equal keys can share a pack; None: never packed.
+
+    The layer pair is not in it: trials on different layer pairs pack together when their
+    data have the same dimensions and row counts (:func:`run_pack` checks)."""
     if unpackable(config):
         return None
     shared = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)
-              if f.name not in MEMBER_FIELDS}
+              if f.name not in MEMBER_FIELDS + DATA_FIELDS}
     shared["head_options"] = tuple(sorted(config.head_options.items()))
     return tuple(sorted(shared.items()))
 
@@ -89,13 +98,20 @@ def member_bytes(config: TrialConfig, image_dim: int, text_dim: int, n_train: in
     return 4 * (5 * weights + n * (image_dim + text_dim) + square + 4 * batch * (image_dim + text_dim))
 
 
-def run_pack(data: TrialData, configs: list[TrialConfig], *, device: str = "cpu",
+def run_pack(data: TrialData | Sequence[TrialData], configs: list[TrialConfig], *, device: str = "cpu",
              on_epoch: Optional[OnMemberEpoch] = None) -> list:
     """Train and evaluate every config as one pack; one result per config, in order.
 
+    ``data`` is one :class:`TrialData` shared by every member, or one per config
+    (members of different layer pairs): each member's subsample, validation,
+    neighbourhood probe and evaluation read its own. They must have the same
+    feature dimensions and numbers of training and validation rows (ValueError
+    otherwise: group by them first). A member whose data has unpaired extras
+    runs alone (:func:`trials.trial.run_trial`); the others still pack.
+
     Each result is what :func:`trials.trial.run_trial` returns for that config
-    (same keys, same numbers up to rounding), or the exception that member
-    failed with (e.g. FloatingPointError: its validation loss was never
+    on its data (same keys, same numbers up to rounding), or the exception that
+    member failed with (e.g. FloatingPointError: its validation loss was never
     finite); the other members go on. ``on_epoch(member, epoch, row)`` sees
     each member's epoch row (with ``val_clip_loss``) and may stop that member.
     All configs must share one non-None :func:`pack_key` (ValueError otherwise).
@@ -105,15 +121,50 @@ def run_pack(data: TrialData, configs: list[TrialConfig], *, device: str = "cpu"
     if None in keys or len(keys) > 1:
         raise ValueError("run_pack needs configs of one pack_key (see trials.packed.pack_key); got "
                          f"{len(keys)} keys" + (" including unpackable configs" if None in keys else ""))
-    if data.extra_image is not None or data.extra_text is not None:  # R_S over extras: not packed
-        return [_alone(data, c, device, on_epoch, i) for i, c in enumerate(configs)]
+    datas = _member_data(data, len(configs))
+    results: list = [None] * len(configs)
+    packed = []
+    for i, (d, c) in enumerate(zip(datas, configs)):
+        if d.extra_image is not None or d.extra_text is not None:  # R_S over extras: not packed
+            results[i] = _alone(d, c, device, on_epoch, i)
+        else:
+            packed.append(i)
+    if not packed:
+        return results
     start = time.perf_counter()
     to = lambda a: torch.tensor(np.asarray(a, dtype=np.float32), device=device)  # noqa: E731
-    members = [_member(data, i, c, to) for i, c in enumerate(configs)]
-    val = (to(data.val_image), to(data.val_text))
-    PackTrainer(members, val, on_epoch).run()
+    members = [_member(datas[i], i, configs[i], to) for i in packed]
+    vals: dict[int, tuple] = {}  # one copy of each distinct data's validation rows
+    for i in packed:
+        if id(datas[i]) not in vals:
+            vals[id(datas[i])] = (to(datas[i].val_image), to(datas[i].val_text))
+    PackTrainer(members, [vals[id(datas[i])] for i in packed], on_epoch).run()
     share = (time.perf_counter() - start) / len(members)
-    return [_finish(m, data, val, to, share) for m in members]
+    for i, m in zip(packed, members):
+        results[i] = _finish(m, datas[i], vals[id(datas[i])], to, share)
+    return results
+
+
+def _member_data(data, p: int) -> list[TrialData]:
+    """Each member's TrialData; ValueError where they cannot share a pack."""
+    if isinstance(data, TrialData):
+        return [data] * p
+    datas = list(data)
+    if len(datas) != p:
+        raise ValueError(f"run_pack needs one TrialData or one per config: got {len(datas)} for {p} configs")
+    shapes = {}
+    for d in datas:
+        if not isinstance(d, TrialData):
+            raise ValueError(f"run_pack's data must be TrialData, got {type(d).__name__}")
+        shapes.setdefault((("image dim", np.shape(d.train_image)[1]), ("text dim", np.shape(d.train_text)[1]),
+                           ("val image dim", np.shape(d.val_image)[1]), ("val text dim", np.shape(d.val_text)[1]),
+                           ("training rows", len(d.train_image)), ("validation rows", len(d.val_image))), d)
+    if len(shapes) > 1:
+        first, *others = shapes
+        differing = sorted({name for other in others for (name, v), (_, w) in zip(other, first) if v != w})
+        raise ValueError(f"a pack's members must have data of one shape; they differ in {', '.join(differing)}: "
+                         + "; ".join(", ".join(f"{name} {v}" for name, v in shape) for shape in shapes))
+    return datas
 
 
 def _alone(data, config, device, on_epoch, index):

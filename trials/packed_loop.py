@@ -4,11 +4,14 @@ Everything a member sees is what its trial alone sees in :mod:`trials.train`:
 its own batch order (a ``torch.Generator`` seeded with its seed), λ warm-up,
 periodic cosine schedule, per-head gradient clipping and AdamW, the
 in-order validation batches, its strict best-epoch rule and patience. The
-pack only shares the step counter (members start together) and the
-validation rows. Per-step scalars (λ, 1 − lr·wd, −lr/(1 − β1^t)) are made on
-the host in double, as torch's optimiser and scheduler make them, and moved
-to the device once per epoch; the epoch's losses are read once per epoch.
-Members that stop leave the stack at the end of the epoch.
+pack only shares the step counter (members start together) and, among
+members that read the same validation set, its rows and their frozen R_S
+half; members of different layer pairs each read their own set (the sets
+stacked, [sets, n_val, d], each member indexing its own). Per-step scalars
+(λ, 1 − lr·wd, −lr/(1 − β1^t)) are made on the host in double, as torch's
+optimiser and scheduler make them, and moved to the device once per epoch;
+the epoch's losses are read once per epoch. Members that stop leave the
+stack at the end of the epoch.
 """
 
 from __future__ import annotations
@@ -61,10 +64,17 @@ class PackMember:
 class PackTrainer:
     """Trains the members of one pack until each has stopped; :meth:`run` is the whole loop."""
 
-    def __init__(self, members: list[PackMember], val: tuple, on_epoch: Optional[OnMemberEpoch] = None):
+    def __init__(self, members: list[PackMember], val, on_epoch: Optional[OnMemberEpoch] = None):
+        """``val``: the (image, text) validation rows, [n_val, d] each: one pair shared by every
+        member, or a sequence of one pair per member (members of different layer pairs). Pairs
+        that are the same tensors are one validation set: computed for once and shared."""
         first = members[0].config
-        self.active, self.val, self.on_epoch = list(members), val, on_epoch
-        self.device = val[0].device
+        self.active, self.on_epoch = list(members), on_epoch
+        self.val_sets, self.source = _distinct_sets(val, len(members))
+        self.shared = len(self.val_sets) == 1  # one validation set: [n_val, d] rows seen by all
+        self.val = self.val_sets[0] if self.shared else \
+            [torch.stack([s[k] for s in self.val_sets]) for k in (0, 1)]  # [sets, n_val, d]
+        self.device = self.val[0].device
         self.train_config = first.train_config(str(self.device))  # the shared optimiser settings
         self.stack = HeadStack(first.head, [m.heads[0] for m in members], [m.heads[1] for m in members])
         self.rows = [torch.stack([m.train[k] for m in members]) for k in (0, 1)]
@@ -77,10 +87,11 @@ class PackTrainer:
         self._frozen: dict[tuple, tuple] = {}
         self._frozen_bytes = 0
         self._member_tensors()
-        # the probe's neighbourhoods in the frozen spaces: the same for every member and epoch
-        self.probe = [v[:PROBE_ROWS] for v in val]
-        self.k = min(NEIGHBOURS, len(self.probe[0]) - 1)
-        self.frozen_knn = [_knn_masks(F.normalize(p.float(), dim=-1)[None], self.k) if self.k >= 1 else None
+        # the probe's neighbourhoods in the frozen spaces: per validation set, the same every epoch
+        self.probe = [v[..., :PROBE_ROWS, :] for v in self.val]
+        self.k = min(NEIGHBOURS, self.probe[0].shape[-2] - 1)
+        self.frozen_knn = [_knn_masks(F.normalize(p.float(), dim=-1)[None] if self.shared else
+                                      F.normalize(p.float(), dim=-1), self.k) if self.k >= 1 else None
                            for p in self.probe]
 
     def _member_tensors(self) -> None:
@@ -88,6 +99,12 @@ class PackTrainer:
         self.temperature = torch.tensor([m.config.temperature for m in self.active], dtype=torch.float64,
                                         device=self.device)
         self.clip = torch.tensor([float(m.config.grad_clip) for m in self.active], device=self.device)
+        self.source_index = torch.tensor(self.source, device=self.device)  # each member's validation set
+
+    def _per_member(self, rows: torch.Tensor) -> torch.Tensor:
+        """Rows of the validation sets ([sets, n, ...]) as each member's ([P, n, ...]); shared
+        rows ([n, ...], or a [1, ...] mask) are returned as they are, seen by every member."""
+        return rows if self.shared else rows.index_select(0, self.source_index)
 
     def run(self) -> None:
         epoch = 0
@@ -150,34 +167,38 @@ class PackTrainer:
     @torch.no_grad()
     def _validate(self, lambda_t: torch.Tensor, lambdas: list) -> tuple[torch.Tensor, torch.Tensor]:
         """Sample-weighted mean loss and its CLIP part over the in-order validation batches."""
-        val_image, val_text = self.val
-        p, bs = len(self.active), self.train_config.batch_size
+        p, bs, n_val = len(self.active), self.train_config.batch_size, self.val[0].shape[-2]
         total, clip_total = torch.zeros(p, device=self.device), torch.zeros(p, device=self.device)
-        for start in range(0, len(val_image), bs):
-            x_img, x_txt = val_image[start:start + bs], val_text[start:start + bs]
+        for start in range(0, n_val, bs):
+            x_img, x_txt = (v[..., start:start + bs, :] for v in self.val)  # [n, d] or [sets, n, d]
             frozen = self._val_frozen(start, x_img, x_txt) if any(lam > 0 for lam in lambdas) else None
+            x_img, x_txt = self._per_member(x_img), self._per_member(x_txt)
             loss, clip = self.loss(self.stack.forward(0, x_img), self.stack.forward(1, x_txt), x_img, x_txt,
                                    self.temperature, lambdas, lambda_t, frozen=frozen)
-            total, clip_total = total + loss * len(x_img), clip_total + clip * len(x_img)
-        count = max(len(val_image), 1)
+            size = x_img.shape[-2]
+            total, clip_total = total + loss * size, clip_total + clip * size
+        count = max(n_val, 1)
         return total / count, clip_total / count
 
     def _val_frozen(self, start: int, x_img, x_txt) -> tuple:
-        """The frozen half of R_S of one validation batch for every member: one per temperature,
-        made once per pack (within :data:`VALIDATION_CACHE_BYTES`) and shared as views."""
-        sides = [self._frozen_for(start, x_img, x_txt, t) for t in (m.config.temperature for m in self.active)]
+        """The frozen half of R_S of one validation batch for every member: one per validation
+        set and temperature, made once per pack (within :data:`VALIDATION_CACHE_BYTES`) and
+        shared as views when every member has the same."""
+        sides = [self._frozen_for(source, start, x_img, x_txt, m.config.temperature)
+                 for source, m in zip(self.source, self.active)]
         if all(s is sides[0] for s in sides):
             return tuple(side.expand(len(sides)) for side in sides[0])
         return tuple(FrozenSide.cat([s[k] for s in sides]) for k in (0, 1))
 
-    def _frozen_for(self, start: int, x_img, x_txt, temperature: float) -> tuple:
-        key = (start, temperature)
+    def _frozen_for(self, source: int, start: int, x_img, x_txt, temperature: float) -> tuple:
+        key = (source, start, temperature)
         if key in self._frozen:
             return self._frozen[key]
         options = {k: v for k, v in self.loss.structure_options.items() if k in ("levels", "centering", "center_first")}
         t = torch.tensor([temperature], dtype=torch.float64, device=self.device)
-        sides = tuple(frozen_side(x[None], t, **options) for x in (x_img, x_txt))
-        size = sum(x.numel() * x.element_size() for side in sides for x in side.half_p + side.log_p)
+        rows = (x_img, x_txt) if self.shared else (x_img[source], x_txt[source])
+        sides = tuple(frozen_side(x[None], t, **options) for x in rows)
+        size = sum(side.nbytes() for side in sides)
         if self._frozen_bytes + size <= VALIDATION_CACHE_BYTES:
             self._frozen[key], self._frozen_bytes = sides, self._frozen_bytes + size
         return sides
@@ -229,8 +250,8 @@ class PackTrainer:
             return [[math.nan] * len(self.active)] * 2
         scores = []
         for k, frozen in enumerate(self.frozen_knn):
-            aligned = F.normalize(self.stack.forward(k, self.probe[k]).float(), dim=-1)
-            both = frozen & _knn_masks(aligned, self.k)
+            aligned = F.normalize(self.stack.forward(k, self._per_member(self.probe[k])).float(), dim=-1)
+            both = self._per_member(frozen) & _knn_masks(aligned, self.k)
             scores.append(both.sum(2).double().mean(1) / self.k)
         return torch.stack(scores).tolist()
 
@@ -247,7 +268,33 @@ class PackTrainer:
             index = torch.tensor(keep, device=self.device)
             self.stack.select_(index)
             self.rows = [r.index_select(0, index) for r in self.rows]
+            self.source = [self.source[i] for i in keep]
             self._member_tensors()
+            self._forget_frozen(set(self.source))
+
+    def _forget_frozen(self, sources: set) -> None:
+        """Drop the cached frozen sides of validation sets no member still reads."""
+        for key in [key for key in self._frozen if key[0] not in sources]:
+            self._frozen_bytes -= sum(side.nbytes() for side in self._frozen.pop(key))
+
+
+def _distinct_sets(val, p: int) -> tuple[list[tuple], list[int]]:
+    """(the distinct validation sets, each member's set index) of a shared pair or P pairs."""
+    if isinstance(val[0], torch.Tensor):
+        return [tuple(val)], [0] * p
+    if len(val) != p:
+        raise ValueError(f"one validation pair per member: got {len(val)} for {p} members")
+    sets, source, seen = [], [], {}
+    for pair in val:
+        key = (id(pair[0]), id(pair[1]))
+        if key not in seen:
+            seen[key] = len(sets)
+            sets.append(tuple(pair))
+        source.append(seen[key])
+    shapes = {tuple(t.shape for t in pair) for pair in sets}
+    if len(shapes) > 1:
+        raise ValueError(f"a pack's validation sets must have one shape, got {sorted(shapes)}")
+    return sets, source
 
 
 def _knn_masks(x: torch.Tensor, k: int) -> torch.Tensor:

@@ -9,6 +9,7 @@ the other way moves one neighbour, 1/(k·n); at most two such moves are allowed.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -158,14 +159,79 @@ def test_pack_key_groups_trials_of_one_shape():
     member_only = TrialConfig(**{**BASE, "epochs": 9, "patience": 2}, seed=7, lr=None, temperature=0.2,
                               structure_lambda=0.0, weight_decay=0.1, grad_clip=0.0)
     assert pack_key(a) == pack_key(member_only)
+    # the layer pair is a member's own data (run_pack checks the data's shapes)
+    assert pack_key(a) == pack_key(TrialConfig(**BASE, image_layer=3, text_layer=5))
     for other in (dict(n_train=60), dict(out_dim=4), dict(batch_size=32), dict(structure_levels=2),
-                  dict(head="res_low_rank"), dict(image_layer=3)):
+                  dict(head="res_low_rank")):
         assert pack_key(TrialConfig(**{**BASE, **other})) != pack_key(a), other
     for unpackable_config in (dict(head="mlp"), dict(head="csa"), dict(structure_distance="rbf"),
                               dict(head="res_low_rank", head_options={"gate_init": 0.5}),
                               dict(structure_divergence="js"), dict(mixup_alpha=0.4), dict(fixed_structure=True)):
         config = TrialConfig(**{**BASE, **unpackable_config})
         assert pack_key(config) is None and unpackable(config), unpackable_config
+
+
+@pytest.fixture(scope="module")
+def other_layers() -> list[TrialData]:
+    """Two more layer pairs: different features of the same dimensions and row counts."""
+    return [make_data(1), make_data(2)]
+
+
+@pytest.mark.parametrize("head, head_options", [("linear", {}), ("res_low_rank", {"rank": 4})])
+def test_members_on_different_layer_pairs_equal_their_trials_alone_on_their_data(data, other_layers, head,
+                                                                                   head_options):
+    """Each member's own TrialData (two members share one): its subsample, validation (and its
+    frozen R_S half), probe and evaluation; λ 0 and > 0, differing seeds and temperatures."""
+    common = dict(BASE, head=head, head_options=head_options)
+    datas = [data, other_layers[0], data, other_layers[1]]
+    configs = [TrialConfig(**common, seed=0, lr=3e-3, structure_lambda=1.0, image_layer=0, text_layer=0),
+               TrialConfig(**common, seed=1, lr=1e-3, structure_lambda=0.0, image_layer=1, text_layer=1),
+               TrialConfig(**common, seed=2, lr=5e-3, structure_lambda=10.0, temperature=0.1,
+                           image_layer=0, text_layer=0),
+               TrialConfig(**common, seed=3, lr=2e-3, structure_lambda=2.0, image_layer=2, text_layer=1)]
+    assert len({pack_key(c) for c in configs}) == 1
+    for config, member_data, packed in zip(configs, datas, run_pack(datas, configs)):
+        assert_same_as_alone(packed, run_trial(member_data, config))
+
+
+def test_a_member_on_its_own_layer_pair_stopping_early_leaves_the_others_their_data(data, other_layers):
+    """The stopping member (see the test above on one data) reads a layer pair of its own: once
+    it leaves, the others still read theirs (the per-member validation and probe are selected)."""
+    common = dict(BASE, epochs=8)
+    stopping = TrialConfig(**{**common, "patience": 2, "warmup_steps": 30}, seed=1, lr=1e-7,
+                           structure_lambda=10.0)
+    going_on = [TrialConfig(**{**common, "patience": 8}, seed=s, lr=3e-3, structure_lambda=1.0) for s in (2, 3)]
+    first, second, third = run_pack([other_layers[0], data, other_layers[1]], [going_on[0], stopping, going_on[1]])
+    assert second["stopped"] == "early_stopping" and second["epochs_run"] == 3 and second["best_epoch"] == 0
+    assert first["epochs_run"] == third["epochs_run"] == 8
+    assert_same_as_alone(second, run_trial(data, stopping))
+    assert_same_as_alone(first, run_trial(other_layers[0], going_on[0]))
+    assert_same_as_alone(third, run_trial(other_layers[1], going_on[1]))
+
+
+def test_a_member_whose_data_has_extras_runs_alone_and_the_others_still_pack(data, other_layers):
+    rng = np.random.default_rng(5)
+    extras = dataclasses.replace(other_layers[0], extra_image=rng.standard_normal((30, 12)).astype(np.float32),
+                                 extra_text=rng.standard_normal((30, 10)).astype(np.float32))
+    configs = [TrialConfig(**BASE, seed=s, lr=3e-3, structure_lambda=1.0) for s in (0, 1, 2)]
+    datas = [data, extras, other_layers[1]]
+    for config, member_data, packed in zip(configs, datas, run_pack(datas, configs)):
+        assert_same_as_alone(packed, run_trial(member_data, config))
+
+
+def test_run_pack_refuses_member_data_of_different_shapes(data):
+    configs = [TrialConfig(**BASE, seed=s) for s in (0, 1)]
+    narrow_text = dataclasses.replace(data, train_text=data.train_text[:, :8], val_text=data.val_text[:, :8])
+    with pytest.raises(ValueError, match="text dim"):
+        run_pack([data, narrow_text], configs)
+    with pytest.raises(ValueError, match="validation rows"):
+        run_pack([data, dataclasses.replace(data, val_image=data.val_image[:50], val_text=data.val_text[:50])],
+                 configs)
+    with pytest.raises(ValueError, match="training rows"):
+        run_pack([data, dataclasses.replace(data, train_image=data.train_image[:150],
+                                            train_text=data.train_text[:150])], configs)
+    with pytest.raises(ValueError, match="one per config"):
+        run_pack([data], configs)
 
 
 def test_run_pack_refuses_configs_of_different_shapes(data):
