@@ -4,7 +4,8 @@ Runs in the driver. Two paths:
 
 - grid: the planned trials not yet in the store, in waves of image layers
   whose features fit the feature budget; in each wave, tasks of up to
-  ``tune.trials_per_task`` trials of one layer pair, one Tune trial per task
+  ``tune.trials_per_task`` trials of one packable shape (any layer pairs)
+  or of one layer pair, one Tune trial per task
   (``tune.grid_search`` over task indices).
 - optuna: per grid, the samples still wanted, drawn by Optuna's TPE sampler
   (warm-started from the stored trials of that grid).

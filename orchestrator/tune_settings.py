@@ -55,7 +55,7 @@ class RunConfig:
     gpus_per_trial: float = 0.0  # fractions share a GPU between trials
     max_failures: int = 1  # retries of a failed trial before it is recorded as failed
     device: str = "auto"  # where a trial trains its heads; auto: cuda if gpus_per_trial > 0
-    trials_per_task: int = 1  # >1: cheap trials of one layer pair run in one Tune trial
+    trials_per_task: int = 1  # >1: cheap trials of one shape (or one layer pair) run in one Tune trial
     # auto: the trials of a task that share shapes (trials.packed.pack_key) train as one
     # batched computation; the same numbers (within 1e-5), so on by default. off: one by one.
     pack: Literal["auto", "off"] = "auto"

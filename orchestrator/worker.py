@@ -1,14 +1,15 @@
 """The trial worker: what runs inside one Tune trial, on a worker process.
 
-A Tune trial runs one :class:`TrialTask`: one or more planned trials on the
-same layer pair, which share the two fetched layers. :func:`run_task` is the
+A Tune trial runs one :class:`TrialTask`: one or more planned trials, each
+layer pair among them fetched once. :func:`run_task` is the
 whole worker, a plain function of the task, the sweep's features and a
 ``fetch(key, layer)`` that returns one layer's array, so it runs and is
 tested without Ray. :func:`trainable` is the thin Tune wrapper: it fetches
 from Ray's object store (zero-copy) and reports through ``tune.report``.
 
-Trials of a task that share shapes (:func:`trials.packed.pack_key`) train as
-packs, one batched computation each (:func:`trials.packed.run_pack`): the
+Trials of a task that share shapes (:func:`trials.packed.pack_key`, and
+equal feature shapes, whatever their layer pairs) train as packs, one
+batched computation each (:func:`trials.packed.run_pack`): the
 same numbers as one by one, one row per trial with its own fingerprint. A
 pack holds at most ``tune.pack_size`` trials (default: the whole group),
 capped by :func:`pack_cap`'s memory budget. Per-epoch reports (ASHA) need one
