@@ -118,8 +118,20 @@ def _softmax_similarity_(x: torch.Tensor, temperature: torch.Tensor, out: torch.
 
 def _softmax_rows_(s: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
     """``s = softmax(s / T)`` over each member's rows, in place."""
-    s.div_(_column(temperature))  # as the reference: (x @ x.T) / T, same rounding
+    _divide_(s, temperature)  # as the reference: (x @ x.T) / T
     return torch.softmax(s, dim=2, out=s)
+
+
+def _divide_(s: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
+    """``s /= T`` of each member, in place. On CPU each member is divided by its T as a Python
+    float, the reference's own op: a float64 [P, 1, 1] divisor takes the type-promoted path (s
+    copied to float64 and back), 20-400x slower. On CUDA the divisor stays a device tensor:
+    reading T on the host would wait for the device."""
+    if s.device.type != "cpu":
+        return s.div_(_column(temperature))
+    for member, value in zip(s, temperature.tolist()):
+        member.div_(value)
+    return s
 
 
 def _symmetrize_(g: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
@@ -152,7 +164,7 @@ def _clip_pass(image, text, *, temperature, workspace, need_grad):
     p, n = image.shape[:2]
     logits = _cube(workspace, "q0", p, n, image)  # R_S's buffers: the terms run one after the other
     torch.bmm(image, text.transpose(1, 2), out=logits)
-    logits.div_(_column(temperature))
+    _divide_(logits, temperature)
     rows = torch.log_softmax(logits, 2, out=_cube(workspace, "m", p, n, image))
     columns = torch.log_softmax(logits, 1, out=logits)
     value = -0.5 * (rows.diagonal(dim1=1, dim2=2).mean(1) + columns.diagonal(dim1=1, dim2=2).mean(1))
