@@ -9,25 +9,20 @@ fixed LR, validation every epoch:
   ``clip_grad_norm_`` per head), independent of ``trials.train``. There is no
   copy of the official code in the repository; this is its reconstruction.
 * ``reference``: ``train_alignment(impl="reference")``, the oracle of the tests.
-* ``fast``: ``train_alignment(impl="fast")``, what trials run by default. With
-  ``--frozen-gram`` (auto, as trials; on; off) its training batches' frozen
-  similarity is read from per-trial Gram matrices of the training rows
-  (``trials.fast_loop.wants_gram``) or recomputed per batch.
+* ``fast``: ``train_alignment(impl="fast")``, what trials run by default;
+  ``--frozen-gram`` as ``train_alignment``'s (auto: as trials decide).
 
 Each loop's epochs are timed one by one; the steady-state s/epoch is the median
-epoch after the first (the first also pays one-time costs: buffers, the cached
-validation half of R_S; reported as ``setup``). The Gram build is one-time too:
-timed on its own and reported as ``gram build`` (not in ``setup``), so its
-payback is build time / (s/epoch off − s/epoch on). Speed-ups are per repeat,
-then the median. The fp32 matmul peak is measured in the same run (a large
-square product), and the fast path's matmul FLOPs are counted as it executes them.
+epoch after the first (the first also pays one-time costs, ``setup``: buffers,
+the cached validation half of R_S, the Gram build, which is also timed apart).
+Speed-ups are per repeat, then the median. The fp32 matmul peak is measured in
+the same run, and the fast path's matmul FLOPs are counted as it executes them.
 
 Settings (the issue's): A: N=5,000 train + 5,000 val, 384→256; B: N=20,000,
 768→512; both batch 4096, λ=10, L=1.
 
     python benchmarks/bench_fast_loop.py --setting A
-    python benchmarks/bench_fast_loop.py --setting B --epochs 3 --repeats 1
-    python benchmarks/bench_fast_loop.py --setting A --epochs 3 --repeats 1 --paths fast --frozen-gram on
+    python benchmarks/bench_fast_loop.py --setting B --epochs 3 --repeats 1 --frozen-gram on
     python benchmarks/bench_fast_loop.py --smoke-test
     python benchmarks/bench_fast_loop.py --allocator both   # glibc, then under jemalloc
 
@@ -47,11 +42,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-from trials.fast_loop import FROZEN_GRAMS, FusedAlignmentLoss
+from trials.fast_loop import FROZEN_GRAMS, gram_pays
+from trials.frozen_gram import FrozenGram
 from trials.heads import build_head
 from trials.losses import AlignmentLoss
 from trials.train import TrainConfig, train_alignment
@@ -174,37 +171,14 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-class _GramTimer:
-    """Times ``FusedAlignmentLoss.cache_gram`` (the Gram build) while active; restores it after."""
-
-    def __init__(self, device):
-        self.device, self.seconds = device, []
-
-    def __enter__(self):
-        inner = self.inner = FusedAlignmentLoss.cache_gram
-
-        def timed(loss, *args):
-            _sync(self.device)
-            start = time.perf_counter()
-            inner(loss, *args)
-            _sync(self.device)
-            self.seconds.append(time.perf_counter() - start)
-        FusedAlignmentLoss.cache_gram = timed
-        return self
-
-    def __exit__(self, *exc):
-        FusedAlignmentLoss.cache_gram = self.inner
-
-
 def run_path(path, feats, args, epochs):
-    """Per-epoch (wall, CPU) seconds, per-epoch losses and the Gram build's seconds (None: no
-    Gram) of one loop from a fresh, identical start.
+    """Per-epoch (wall, CPU) seconds and per-epoch losses of one loop from a fresh, identical start.
 
     CPU time (this process, all threads) is reported beside wall time: on a
     shared machine it moves far less with the other processes' load.
     """
     heads = [build_head("linear", args.in_dim, args.out_dim, seed=s).to(args.device) for s in (0, 1)]
-    times, history, gram = [], [], _GramTimer(args.device)
+    times, history = [], []
     _sync(args.device)
     last = (time.perf_counter(), time.process_time())
 
@@ -222,10 +196,9 @@ def run_path(path, feats, args, epochs):
         loss_fn = AlignmentLoss(structure_lambda=args.lam, warmup_steps=0, structure_levels=args.levels)
         config = TrainConfig(epochs=epochs, batch_size=args.batch_size, lr=1e-3, patience=epochs + 1,
                              device=args.device)
-        with gram:
-            train_alignment(*heads, loss_fn, *feats, config, on_epoch=on_epoch, impl=path,
-                            frozen_gram=args.frozen_gram if path == "fast" else "off")
-    return times, history, (sum(gram.seconds) if gram.seconds else None)
+        train_alignment(*heads, loss_fn, *feats, config, on_epoch=on_epoch, impl=path,
+                        frozen_gram=args.frozen_gram if path == "fast" else "off")
+    return times, history
 
 
 def matmul_peak(device, size, repeats=3) -> float:
@@ -295,23 +268,34 @@ def measure(args) -> dict:
     feats = [torch.randn(args.n, args.in_dim, generator=g).to(args.device) for _ in range(4)]
     peak_size = 256 if args.smoke_test else (8192 if args.device.startswith("cuda") else 4096)
     peaks = [matmul_peak(args.device, peak_size)]
-    epoch_s, cpu_s, setup_s, gram_s, histories = ({p: [] for p in args.paths} for _ in range(5))
+    epoch_s, cpu_s, setup_s, histories = ({p: [] for p in args.paths} for _ in range(4))
     load = [os.getloadavg()[0]]
     for _ in range(args.repeats):
         for path in args.paths:  # interleaved: the machine's load hits every path alike
-            times, history, gram = run_path(path, feats, args, args.epochs)
+            times, history = run_path(path, feats, args, args.epochs)
             steady = statistics.median(wall for wall, _ in times[1:])
             epoch_s[path].append(steady)
             cpu_s[path].append(statistics.median(cpu for _, cpu in times[1:]))
-            setup_s[path].append(times[0][0] - steady - (gram or 0.0))
-            gram_s[path].append(gram)
+            setup_s[path].append(times[0][0] - steady)
             histories[path].append(history)
         peaks.append(matmul_peak(args.device, peak_size))
         load.append(os.getloadavg()[0])
     if args.profile:
         profile_fast(args, feats)
-    return dict(epoch_s=epoch_s, cpu_s=cpu_s, setup_s=setup_s, gram_s=gram_s, histories=histories,
-                peak=max(peaks), load=load)
+    return dict(epoch_s=epoch_s, cpu_s=cpu_s, setup_s=setup_s, histories=histories, peak=max(peaks),
+                load=load, gram_s=gram_build_seconds(args, feats) if "fast" in args.paths else None)
+
+
+def gram_build_seconds(args, feats) -> Optional[float]:
+    """The fast path's one-time Gram build (in its ``setup``), timed apart; None if it builds none."""
+    if args.frozen_gram == "off" or (args.frozen_gram == "auto" and not gram_pays(
+            TrainConfig(epochs=args.epochs, batch_size=args.batch_size), args.n)):
+        return None
+    _sync(args.device)
+    start = time.perf_counter()
+    [FrozenGram(x, "mean") for x in feats[:2]]
+    _sync(args.device)
+    return time.perf_counter() - start
 
 
 def report(args, m) -> str:
@@ -323,15 +307,15 @@ def report(args, m) -> str:
           f"frozen_gram={args.frozen_gram}")
     print(f"  1-min load average of the machine: {', '.join(f'{x:.1f}' for x in m['load'])} "
           f"(at start and after each repeat; {os.cpu_count()} CPUs)")
-    gram = {p: statistics.median(v) if None not in v else None for p, v in m["gram_s"].items()}
+    gram = m["gram_s"]
     for p in args.paths:
         runs = ", ".join(f"{s:.2f}" for s in m["epoch_s"][p])
-        built = "none" if gram[p] is None else f"{gram[p]:.2f} s"
+        built = f" (of which the Gram build {gram:.2f} s)" if p == "fast" and gram is not None else ""
         print(f"  {p:9s} {med[p]:7.3f} s/epoch (runs: {runs}); CPU {statistics.median(m['cpu_s'][p]):.2f} s/epoch; "
-              f"setup {statistics.median(m['setup_s'][p]):+.2f} s; gram build {built}")
+              f"setup {statistics.median(m['setup_s'][p]):+.2f} s{built}")
     summary = [f"setting={args.setting}", f"allocator={allocator()}", f"threads={torch.get_num_threads()}"]
     summary += [f"{p}={med[p]:.3f}s/epoch" for p in args.paths]
-    summary += [f"{p}_gram_build={gram[p]:.2f}s" for p in args.paths if gram[p] is not None]
+    summary += [f"fast_gram_build={gram:.2f}s"] if gram is not None else []
     if "fast" in args.paths:
         for base in ("official", "reference"):
             if base in args.paths:
@@ -341,7 +325,7 @@ def report(args, m) -> str:
                       f"(per repeat: {', '.join(f'{r:.2f}' for r in ratios)}); {cpu:.2f}x in CPU time")
                 summary.append(f"speedup_vs_{base}={statistics.median(ratios):.2f}x")
                 summary.append(f"cpu_speedup_vs_{base}={cpu:.2f}x")
-        rate = fast_matmul_flops(args, gram["fast"] is not None) / med["fast"]
+        rate = fast_matmul_flops(args, gram is not None) / med["fast"]
         print(f"  matmul peak ({args.device}, fp32 square): {m['peak'] / 1e12:.3f} TFLOP/s; fast path's matmuls: "
               f"{rate / 1e12:.3f} TFLOP/s over the whole epoch = {rate / m['peak']:.0%} of peak")
         summary.append(f"fast_matmul_peak_fraction={rate / m['peak']:.2f}")
@@ -393,15 +377,8 @@ def profile_fast(args, feats) -> None:
 
 def _without_option(argv, option):
     """argv less ``option VALUE`` / ``option=VALUE``."""
-    out, skip = [], False
-    for arg in argv:
-        if skip:
-            skip = False
-        elif arg == option:
-            skip = True
-        elif not arg.startswith(option + "="):
-            out.append(arg)
-    return out
+    drop = {i + 1 for i, arg in enumerate(argv) if arg == option}
+    return [a for i, a in enumerate(argv) if a != option and i not in drop and not a.startswith(option + "=")]
 
 
 def main(argv=None) -> None:

@@ -27,18 +27,10 @@ from typing import NamedTuple, Optional
 import torch
 
 from trials._checks import check_choice
-from trials.fused_loss import (
-    FrozenGram,
-    FrozenSide,
-    Workspace,
-    frozen_side,
-    frozen_side_from_gram,
-    fused_clip_loss,
-    fused_structure_regularizer,
-)
+from trials.frozen_gram import GRAM_CENTERINGS, FrozenGram, frozen_side_from_gram
+from trials.fused_loss import FrozenSide, Workspace, frozen_side, fused_clip_loss, fused_structure_regularizer
 from trials.loss_options import LOSS_DEFAULTS, LossOptions
 from trials.losses import AlignmentLoss
-from trials.packed_loss import GRAM_CENTERINGS
 from trials.train_options import TrainConfig
 
 # The frozen half of R_S on the validation batches is cached up to this size
@@ -112,7 +104,7 @@ class FusedAlignmentLoss(AlignmentLoss):
                                            workspace=self.workspace, **self.structure_options)
 
     def cache_gram(self, train_image: torch.Tensor, train_text: torch.Tensor) -> None:
-        """Build the Gram matrix of each modality's training rows (:class:`~trials.fused_loss.FrozenGram`)."""
+        """Build the Gram matrix of each modality's training rows (:class:`~trials.frozen_gram.FrozenGram`)."""
         self._grams = tuple(FrozenGram(x, self.structure_options["centering"]) for x in (train_image, train_text))
 
     @property

@@ -14,18 +14,10 @@ from typing import Optional
 import torch
 
 from trials.losses import _check_structure_options
-from trials.packed_loss import (
-    FrozenGram,
-    FrozenSide,
-    Workspace,
-    packed_clip_loss,
-    packed_structure_regularizer,
-)
+from trials.packed_loss import FrozenSide, Workspace, packed_clip_loss, packed_structure_regularizer
 from trials.packed_loss import frozen_side as _frozen_sides
-from trials.packed_loss import frozen_side_from_gram as _frozen_sides_from_gram
 
-__all__ = ["FrozenGram", "FrozenSide", "Workspace", "frozen_side", "frozen_side_from_gram", "fused_clip_loss",
-           "fused_structure_regularizer"]
+__all__ = ["FrozenSide", "Workspace", "frozen_side", "fused_clip_loss", "fused_structure_regularizer"]
 
 
 def _temperatures(temperature: float, like: torch.Tensor) -> torch.Tensor:
@@ -50,16 +42,6 @@ def frozen_side(original: torch.Tensor, *, levels: int, temperature: float, cent
     with torch.autocast(device_type=original.device.type, enabled=False):
         return _frozen_sides(original[None], _temperatures(temperature, original), levels=levels,
                              centering=centering, center_first=center_first, workspace=workspace)
-
-
-@torch.no_grad()
-def frozen_side_from_gram(gram: FrozenGram, rows: torch.Tensor, *, levels: int, temperature: float,
-                          workspace: Optional[Workspace] = None) -> FrozenSide:
-    """:func:`frozen_side` of the training rows ``rows``, S read from ``gram`` (see
-    :class:`~trials.packed_loss.FrozenGram`); sorted rows gather fastest."""
-    with torch.autocast(device_type=gram.matrix.device.type, enabled=False):
-        return _frozen_sides_from_gram(gram, rows, _temperatures(temperature, gram.matrix), levels=levels,
-                                       workspace=workspace)
 
 
 def fused_structure_regularizer(original: torch.Tensor, aligned: torch.Tensor, *, levels: int,

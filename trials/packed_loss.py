@@ -22,8 +22,8 @@ that live for the whole trial:
   ``log(P^l + ε)`` are made once per batch (:func:`frozen_side`), and once per
   trial for the validation batches (the caller caches them); a training
   batch's similarity S can be gathered from a Gram matrix of all the training
-  rows, built once per trial (:class:`FrozenGram`, :func:`frozen_side_from_gram`),
-  instead of recomputed as an n×n×d product;
+  rows, built once per trial (:mod:`trials.frozen_gram`), instead of
+  recomputed as an n×n×d product;
 * one log of the mixture serves both KL terms: with M̃ = ½(P+Q)+ε,
   D = (1/n) Σ M̃·K where K = log M̃ − ½log(Q+ε) − ½log(P+ε), and
   2n·∂D/∂Q = K + 1 − M̃/(Q+ε);
@@ -211,22 +211,12 @@ def frozen_side(original: torch.Tensor, temperature: torch.Tensor, *, levels: in
     reads (§3). Without a workspace the matrices are new (to be cached); with one they are
     scratch, valid until the next batch."""
     x = _prepare(original, centering, center_first)
-    half_p, log_p = _frozen_buffers(x.shape[0], x.shape[1], levels, x, workspace)
+    half_p, log_p = frozen_buffers(x.shape[0], x.shape[1], levels, x, workspace)
     torch.bmm(x, x.transpose(1, 2), out=half_p[0])
-    return _frozen_from_similarity(half_p, log_p, temperature)
+    return frozen_from_similarity(half_p, log_p, temperature)
 
 
-@torch.no_grad()
-def frozen_side_from_gram(gram: "FrozenGram", rows: torch.Tensor, temperature: torch.Tensor, *,
-                          levels: int, workspace: Optional[Workspace] = None) -> FrozenSide:
-    """:func:`frozen_side` of the training rows ``rows`` (one member), S read from ``gram``
-    instead of recomputed. ``rows`` best sorted: the gather then reads memory in order."""
-    half_p, log_p = _frozen_buffers(1, len(rows), levels, gram.matrix, workspace)
-    gram.similarity(rows, out=half_p[0][0], workspace=workspace or Workspace())
-    return _frozen_from_similarity(half_p, log_p, temperature)
-
-
-def _frozen_buffers(p: int, n: int, levels: int, like: torch.Tensor, workspace: Optional[Workspace]):
+def frozen_buffers(p: int, n: int, levels: int, like: torch.Tensor, workspace: Optional[Workspace]):
     """(half_p, log_p): per level, new [p, n, n] matrices, or the workspace's scratch."""
     def new(name):
         return torch.empty(p, n, n, dtype=like.dtype, device=like.device) if workspace is None \
@@ -234,7 +224,7 @@ def _frozen_buffers(p: int, n: int, levels: int, like: torch.Tensor, workspace: 
     return [new(f"half_p{level}") for level in range(levels)], [new(f"log_p{level}") for level in range(levels)]
 
 
-def _frozen_from_similarity(half_p: list, log_p: list, temperature: torch.Tensor) -> FrozenSide:
+def frozen_from_similarity(half_p: list, log_p: list, temperature: torch.Tensor) -> FrozenSide:
     """The frozen side from S (in ``half_p[0]``), in place: P = softmax(S/T), its powers, ½P^l + ε
     and log(P^l + ε)."""
     _softmax_rows_(half_p[0], temperature)
@@ -245,48 +235,6 @@ def _frozen_from_similarity(half_p: list, log_p: list, temperature: torch.Tensor
         torch.add(p_l, EPS, out=log_p_l).log_()
         torch.add(eps, p_l, alpha=0.5, out=p_l)
     return FrozenSide(half_p, log_p)
-
-
-GRAM_CENTERINGS = ("none", "mean")  # the centrings whose batch S a Gram of all rows gives
-
-
-class FrozenGram:
-    """The Gram matrix of a trial's normalised training features, [N, N]: a training batch's
-    frozen similarity S is gathered from it (n² reads) rather than recomputed (n²·d FLOPs).
-
-    For cosine distance with ``center_first`` False and centring "none" or "mean" only
-    (:data:`GRAM_CENTERINGS`): "none" reads S = G[rows][:, rows] with G = X̂X̂ᵀ; "mean"
-    double-centres the gathered block, S = H G_b H, which equals the batch-centred product
-    exactly (a constant shift of the rows cancels). G is built from the globally centred rows
-    X̂ − mean(X̂), so it has no large common component to cancel in float32. safe_norm's
-    "already unit norm?" test runs once over all N rows, not per batch: a batch of unit rows
-    in a set that is not moves by at most its 1e-6 tolerance.
-    """
-
-    def __init__(self, features: torch.Tensor, centering: str):
-        if centering not in GRAM_CENTERINGS:
-            raise ValueError(f"the frozen Gram covers centering in {GRAM_CENTERINGS}, got {centering!r}")
-        self.centering = centering
-        with torch.no_grad(), torch.autocast(device_type=features.device.type, enabled=False):
-            x = safe_normalize(features)
-            if centering == "mean":
-                x = x - x.mean(0, keepdim=True)
-            self.matrix = torch.mm(x, x.T)
-
-    def nbytes(self) -> int:
-        return self.matrix.numel() * self.matrix.element_size()
-
-    @torch.no_grad()
-    def similarity(self, rows: torch.Tensor, out: torch.Tensor, workspace: Workspace) -> torch.Tensor:
-        """S of the batch ``rows`` into ``out`` [n, n], in the rows' order."""
-        picked = workspace.matrix("gram_rows", len(rows), len(self.matrix), self.matrix)
-        torch.index_select(self.matrix, 0, rows, out=picked)
-        torch.index_select(picked, 1, rows, out=out)
-        if self.centering == "mean":  # S_ij = G_ij − r_i − r_j + c, r the row means, c their mean
-            shift = out.mean(1)
-            shift.sub_(shift.mean(), alpha=0.5)
-            out.sub_(shift[:, None]).sub_(shift[None, :])
-        return out
 
 
 def packed_structure_regularizer(original: torch.Tensor, aligned: torch.Tensor,

@@ -16,7 +16,7 @@ import torch
 from trials import fast_loop
 from trials.heads import build_head
 from trials.losses import AlignmentLoss
-from trials.packed_loss import FrozenGram
+from trials.frozen_gram import FrozenGram
 from trials.train import train_alignment
 from trials.train_options import TrainConfig
 

@@ -7,14 +7,8 @@ import torch
 
 from trials import packed_loss
 from trials.fast_loop import FusedAlignmentLoss
-from trials.fused_loss import (
-    FrozenGram,
-    Workspace,
-    frozen_side,
-    frozen_side_from_gram,
-    fused_clip_loss,
-    fused_structure_regularizer,
-)
+from trials.frozen_gram import FrozenGram, frozen_side_from_gram
+from trials.fused_loss import Workspace, frozen_side, fused_clip_loss, fused_structure_regularizer
 from trials.losses import AlignmentLoss, clip_loss, structure_regularizer
 
 F64 = torch.float64
