@@ -38,7 +38,7 @@ from orchestrator.features import FeatureSet, Fetch, trial_data
 from orchestrator.planning import OptunaSpace, PlannedTrial, materialize
 from orchestrator.schema import ASHA_METRIC, DONE, FAILED
 from trials.head_options import needs_tokens
-from trials.packed import member_bytes, pack_key, run_pack
+from trials.packed import data_shape, member_bytes, pack_key, run_pack
 from trials.token_trial import TokenTrialData, run_token_trial
 from trials.trial import EPOCH_ROWS, TrialData, run_trial
 
@@ -205,18 +205,13 @@ def plan_packs(trials: tuple[PlannedTrial, ...], data_of: Callable[[PlannedTrial
     groups: dict[Any, list[int]] = {}
     for i, trial in enumerate(trials):
         key = pack_key(trial.config)
-        groups.setdefault(("alone", i) if key is None else (key, _data_shape(data_of(trial))), []).append(i)
+        groups.setdefault(("alone", i) if key is None else (key, data_shape(data_of(trial))), []).append(i)
     units = []
     for members in groups.values():
         first = trials[members[0]]
         size = min(context.pack_size or len(members), pack_cap(first.config, data_of(first), context.device))
         units += [members[k:k + size] for k in range(0, len(members), max(size, 1))]
     return sorted(units)
-
-
-def _data_shape(data: TrialData) -> tuple:
-    """What members on different layer pairs must share to train as one stack."""
-    return tuple(x.shape for x in (data.train_image, data.train_text, data.val_image, data.val_text))
 
 
 def pack_cap(config, data: TrialData, device: str) -> int:

@@ -145,6 +145,13 @@ def run_pack(data: TrialData | Sequence[TrialData], configs: list[TrialConfig], 
     return results
 
 
+def data_shape(data: TrialData) -> tuple:
+    """What members' data must share to train in one pack, as (name, value) pairs."""
+    return (("image dim", np.shape(data.train_image)[1]), ("text dim", np.shape(data.train_text)[1]),
+            ("val image dim", np.shape(data.val_image)[1]), ("val text dim", np.shape(data.val_text)[1]),
+            ("training rows", len(data.train_image)), ("validation rows", len(data.val_image)))
+
+
 def _member_data(data, p: int) -> list[TrialData]:
     """Each member's TrialData; ValueError where they cannot share a pack."""
     if isinstance(data, TrialData):
@@ -156,9 +163,7 @@ def _member_data(data, p: int) -> list[TrialData]:
     for d in datas:
         if not isinstance(d, TrialData):
             raise ValueError(f"run_pack's data must be TrialData, got {type(d).__name__}")
-        shapes.setdefault((("image dim", np.shape(d.train_image)[1]), ("text dim", np.shape(d.train_text)[1]),
-                           ("val image dim", np.shape(d.val_image)[1]), ("val text dim", np.shape(d.val_text)[1]),
-                           ("training rows", len(d.train_image)), ("validation rows", len(d.val_image))), d)
+        shapes.setdefault(data_shape(d), d)
     if len(shapes) > 1:
         first, *others = shapes
         differing = sorted({name for other in others for (name, v), (_, w) in zip(other, first) if v != w})
