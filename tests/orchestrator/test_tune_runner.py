@@ -5,6 +5,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import numpy as np
+import pytest
 
 from orchestrator.features import FeatureSet, SplitFeatures
 from orchestrator.grids import Grid
@@ -34,14 +35,17 @@ def test_fifo_reruns_stopped_trials_asha_skips_them(tmp_path):
     assert pending == {"asha": ["f"], "fifo": ["f", "s"]}  # FIFO re-runs the stopped trial in full
 
 
-def test_tasks_group_trials_of_one_layer_pair_up_to_their_size():
-    trials = [planned(f"{i}{j}{s}", i, j, seed=s) for i in range(2) for j in range(2)
+@pytest.mark.parametrize("head", ["linear", "mlp"])
+def test_tasks_gather_a_packable_shape_across_layer_pairs_and_other_trials_by_pair(head):
+    trials = [planned(f"{i}{j}{s}", i, j, seed=s, head=head) for i in range(2) for j in range(2)
               for s in range(3)]
     assert group_tasks(trials, 1) == [[t] for t in trials]
     tasks = group_tasks(trials, 2)
-    assert sorted(len(t) for t in tasks) == [1, 1, 1, 1, 2, 2, 2, 2]
-    assert all(len({(t.config.image_layer, t.config.text_layer) for t in task}) == 1
-               for task in tasks)
+    pairs = [{(t.config.image_layer, t.config.text_layer) for t in task} for task in tasks]
+    if head == "linear":  # one pack shape: 12 trials on 4 pairs, 2 a task, pairs mixed
+        assert [len(t) for t in tasks] == [2] * 6 and any(len(p) > 1 for p in pairs)
+    else:  # unpackable: 3 trials per pair -> a task of 2 and one of 1 per pair
+        assert sorted(len(t) for t in tasks) == [1, 1, 1, 1, 2, 2, 2, 2] and all(len(p) == 1 for p in pairs)
     assert sorted(t.fingerprint for task in tasks for t in task) == sorted(t.fingerprint for t in trials)
 
 
