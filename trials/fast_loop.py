@@ -77,6 +77,7 @@ class FusedAlignmentLoss(AlignmentLoss):
         self._frozen_bytes = 0
         self._grams: Optional[tuple[FrozenGram, FrozenGram]] = None
         self._batch: Optional[_TrainingBatch] = None
+        self._whole: dict[int, FrozenSide] = {}  # modality -> frozen side of every training row
 
     @classmethod
     def twin_of(cls, loss_fn: AlignmentLoss) -> "FusedAlignmentLoss":
@@ -92,10 +93,8 @@ class FusedAlignmentLoss(AlignmentLoss):
     def structure_term(self, original, aligned):
         batch = self._batch
         if batch is not None and (original is batch.image or original is batch.text):
-            gram = self._grams[0 if original is batch.image else 1]
-            frozen = frozen_side_from_gram(gram, batch.rows, levels=self.structure_options["levels"],
-                                           temperature=self.structure_options["temperature"],
-                                           workspace=self.workspace)
+            modality = 0 if original is batch.image else 1
+            frozen = self._frozen_from_gram(modality, batch.rows)
             # P is of the rows in sorted order; R_S is invariant to a permutation of both sides
             return fused_structure_regularizer(None, aligned.index_select(0, batch.order), frozen=frozen,
                                                workspace=self.workspace, **self.structure_options)
@@ -106,6 +105,19 @@ class FusedAlignmentLoss(AlignmentLoss):
     def cache_gram(self, train_image: torch.Tensor, train_text: torch.Tensor) -> None:
         """Build the Gram matrix of each modality's training rows (:class:`~trials.frozen_gram.FrozenGram`)."""
         self._grams = tuple(FrozenGram(x, self.structure_options["centering"]) for x in (train_image, train_text))
+
+    def _frozen_from_gram(self, modality: int, rows: torch.Tensor) -> FrozenSide:
+        """The frozen side of the sorted training ``rows``. A batch of every training row (N at
+        most the batch size) is the same sorted rows every epoch: made once, then kept."""
+        if modality in self._whole:
+            return self._whole[modality]
+        gram, whole = self._grams[modality], len(rows) == len(self._grams[modality].matrix)
+        frozen = frozen_side_from_gram(gram, rows, levels=self.structure_options["levels"],
+                                       temperature=self.structure_options["temperature"],
+                                       workspace=None if whole else self.workspace)
+        if whole:
+            self._whole[modality] = frozen
+        return frozen
 
     @property
     def has_gram(self) -> bool:
