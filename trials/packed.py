@@ -89,12 +89,14 @@ def member_bytes(config: TrialConfig, image_dim: int, text_dim: int, n_train: in
     Weights with their gradient, two AdamW moments and the best snapshot (5×);
     the member's training rows; R_S's n×n scratch matrices at the batch size
     (4L + 4 of them, as :mod:`trials.packed_loss` names them), counted once:
-    the image and text terms reuse them.
+    the image and text terms reuse them; and with one batch an epoch, the frozen
+    half of R_S of its rows, kept for the whole run (2L per modality).
     """
     n = min(n_train, config.n_train or n_train)
     batch = min(config.batch_size, n)
     weights = config.out_dim * (image_dim + text_dim + 2)
-    square = (4 * config.structure_levels + 4) * batch * batch
+    kept = 4 * config.structure_levels if n <= config.batch_size else 0
+    square = (4 * config.structure_levels + 4 + kept) * batch * batch
     return 4 * (5 * weights + n * (image_dim + text_dim) + square + 4 * batch * (image_dim + text_dim))
 
 

@@ -86,6 +86,7 @@ class PackTrainer:
         self.steps = 0  # optimiser steps so far, the same for every member still training
         self._frozen: dict[tuple, tuple] = {}
         self._frozen_bytes = 0
+        self._whole: Optional[tuple] = None  # see _whole_frozen
         self._member_tensors()
         # the probe's neighbourhoods in the frozen spaces: per validation set, the same every epoch
         self.probe = [v[..., :PROBE_ROWS, :] for v in self.val]
@@ -152,9 +153,12 @@ class PackTrainer:
         total, count = torch.zeros(p, device=self.device), 0
         for step, start in enumerate(range(0, n, config.batch_size)):
             idx = order[:, start:start + config.batch_size]
-            x_img, x_txt = self.rows[0][member, idx], self.rows[1][member, idx]
+            if n <= config.batch_size:  # one batch of all rows: the loss does not see their order
+                x_img, x_txt, frozen = *self.rows, self._whole_frozen(lambdas[step])
+            else:
+                x_img, x_txt, frozen = self.rows[0][member, idx], self.rows[1][member, idx], None
             loss, _ = self.loss(self.stack.forward(0, x_img), self.stack.forward(1, x_txt), x_img, x_txt,
-                                self.temperature, lambdas[step], table[step, 0])
+                                self.temperature, lambdas[step], table[step, 0], frozen=frozen)
             grads = list(torch.autograd.grad(loss.sum(), self.stack.params))  # members never mix
             if clipping:
                 self.stack.clip_(grads, self.clip)
@@ -163,6 +167,15 @@ class PackTrainer:
             total, count = total + loss.detach() * idx.shape[1], count + idx.shape[1]
         self.steps += len(corrections)
         return total / count
+
+    def _whole_frozen(self, lambdas: list) -> Optional[tuple]:
+        """The frozen half of R_S of every member's whole training subsample, in stored order:
+        with one batch an epoch it is the same every epoch (the batch order only permutes rows,
+        to which the loss is invariant), so it is made once; None while no member runs R_S."""
+        if self._whole is None and any(lam > 0 for lam in lambdas):
+            options = {k: v for k, v in self.loss.structure_options.items() if k in ("levels", "centering", "center_first")}
+            self._whole = tuple(frozen_side(rows, self.temperature, **options) for rows in self.rows)
+        return self._whole
 
     @torch.no_grad()
     def _validate(self, lambda_t: torch.Tensor, lambdas: list) -> tuple[torch.Tensor, torch.Tensor]:
@@ -268,6 +281,8 @@ class PackTrainer:
             index = torch.tensor(keep, device=self.device)
             self.stack.select_(index)
             self.rows = [r.index_select(0, index) for r in self.rows]
+            if self._whole is not None:
+                self._whole = tuple(side.select(index) for side in self._whole)
             self.source = [self.source[i] for i in keep]
             self._member_tensors()
             self._forget_frozen(set(self.source))

@@ -79,11 +79,17 @@ def data() -> TrialData:
     return make_data()
 
 
+# 48: 3 batches an epoch; 128: one batch of all 120 rows (the pack reads them in stored order
+# and makes their frozen R_S half once, the trial alone permutes them every epoch)
+BATCH_SIZES = pytest.mark.parametrize("batch_size", [48, 128])
+
+
+@BATCH_SIZES
 @pytest.mark.parametrize("head, head_options", [("linear", {}), ("linear", {"bias": False}),
                                                 ("res_low_rank", {"rank": 4})])
-def test_packed_members_equal_their_trials_alone(data, head, head_options):
+def test_packed_members_equal_their_trials_alone(data, head, head_options, batch_size):
     """Differing seeds (subsamples), lrs, temperatures, λ (0 and > 0) and warm-ups, one pack."""
-    common = dict(BASE, head=head, head_options=head_options)
+    common = dict(BASE, head=head, head_options=head_options, batch_size=batch_size)
     configs = [TrialConfig(**common, seed=0, lr=3e-3, structure_lambda=1.0),
                TrialConfig(**common, seed=1, lr=1e-3, structure_lambda=0.0, temperature=0.1),
                TrialConfig(**{**common, "warmup_steps": 0}, seed=2, lr=5e-3, structure_lambda=10.0,
@@ -111,10 +117,11 @@ def test_members_without_an_lr_run_their_own_lr_finder(data):
     assert results[0]["lr_used"] != results[1]["lr_used"]  # each its own
 
 
-def test_a_member_stopping_early_is_restored_to_its_best_epoch_while_the_others_go_on(data):
+@BATCH_SIZES
+def test_a_member_stopping_early_is_restored_to_its_best_epoch_while_the_others_go_on(data, batch_size):
     """At lr 1e-7 the heads stand still while λ warms up over 30 steps: the validation loss
     (CLIP + λ·R_S) grows every epoch, so patience 2 stops that member with epoch 0 its best."""
-    common = dict(BASE, epochs=8)
+    common = dict(BASE, epochs=8, batch_size=batch_size)
     stopping = TrialConfig(**{**common, "patience": 2, "warmup_steps": 30}, seed=1, lr=1e-7,
                            structure_lambda=10.0)
     going_on = TrialConfig(**{**common, "patience": 8}, seed=2, lr=3e-3, structure_lambda=1.0)
