@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import shutil
 import tempfile
 import threading
@@ -134,8 +135,11 @@ class TuneRunner:
         return [(self.pair_features.get(key, self.features), trials) for key, trials in groups.items()]
 
     def _run_wave(self, wave: list[PlannedTrial], features: FeatureSet) -> None:
+        n_pairs = len(features.train.text_to_image)
+        groups = group_tasks(wave, self.spec.tune.run_config.trials_per_task)
+        # longest first, so that the slots run out of work together, not one long task at the end
         tasks = tuple(TrialTask(tuple(group))
-                      for group in group_tasks(wave, self.spec.tune.run_config.trials_per_task))
+                      for group in sorted(groups, key=lambda g: task_cost(g, n_pairs), reverse=True))
         pooled = list(dict.fromkeys(layer_pair(t) for t in wave if not needs_tokens(t.config.head)))
         refs = put_layers(self.store, features, pooled)  # token heads read the token store
         payload = WorkerPayload(features, refs, self._context(), tasks=tasks)
@@ -259,6 +263,18 @@ def group_tasks(pending: list[PlannedTrial], size: int) -> list[list[PlannedTria
         groups[("shape", key) if key is not None else ("pair", layer_pair(t))].append(t)
     ordered = sorted(groups.values(), key=lambda group: pack_key(group[0].config) is None)  # packs first
     return [group[k:k + size] for group in ordered for k in range(0, len(group), size)]
+
+
+def task_cost(trials: list[PlannedTrial], n_pairs: int) -> float:
+    """A rough relative cost of training ``trials`` (of a split of ``n_pairs`` pairs), to order
+    tasks: per trial, its epochs times the n×n work of its batches, thrice with R_S."""
+    total = 0.0
+    for t in trials:
+        config = t.config
+        n = min(config.n_train or n_pairs, n_pairs)
+        batch = max(min(config.batch_size, n), 1)
+        total += config.epochs * math.ceil(n / batch) * batch**2 * (3 if config.structure_lambda > 0 else 1)
+    return total
 
 
 def _pairs(trials: list[PlannedTrial]) -> list[tuple[int, int]]:

@@ -92,3 +92,17 @@ def test_schedulers_rank_on_objectives_without_the_regulariser():
     assert asha_scheduler(spec).metric == "val_clip_loss"  # val_loss carries λ·R_S
     assert fair_objective("best_val_loss") == "best_val_clip_loss"
     assert fair_objective("zs/cifar10/top1") == "zs/cifar10/top1"  # a metric is already fair
+
+
+def test_task_cost_ranks_the_demos_tasks_longest_first():
+    from orchestrator.tune_runner import task_cost
+
+    def task(n, epochs, lam, members=12):
+        return [planned(f"{n}-{epochs}-{lam}-{s}", n_train=n, epochs=epochs, batch_size=512,
+                        structure_lambda=lam, seed=s) for s in range(members)]
+    big, layer_grid, small = task(2000, 75, 10.0), task(500, 300, 0.0), task(50, 300, 10.0)
+    costs = [task_cost(t, 2000) for t in (small, big, layer_grid)]
+    assert sorted(costs, reverse=True) == [costs[1], costs[2], costs[0]]
+    # n_train beyond the split, or None (all pairs), counts the split's pairs
+    assert task_cost([planned("all", batch_size=512, epochs=1)], 600) == \
+        task_cost([planned("more", n_train=5000, batch_size=512, epochs=1)], 600) == 2 * 512**2 * 3  # λ: 10
