@@ -72,8 +72,9 @@ def main() -> None:
         single, packed = rows["one by one"], rows["as specified"]
         assert list(single.index) == list(packed.index), "the two runs planned different trials"
         for metric in METRICS:
-            gap = np.abs(packed[metric].to_numpy() - single[metric].to_numpy())
-            print(f"  {metric}: largest difference {gap.max():.2g} "
+            a, b = packed[metric].to_numpy(), single[metric].to_numpy()
+            gap = np.abs(a - b) / np.maximum(np.abs(b), 1e-12)
+            print(f"  {metric}: largest relative difference {gap.max():.2g} "
                   f"({int((gap > 1e-5).sum())} of {len(gap)} trials beyond 1e-5)")
         ratio = seconds["one by one"] / seconds["as specified"]
         print(f"SUMMARY demo_tune_one_by_one={seconds['one by one']:.1f}s "

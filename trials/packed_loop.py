@@ -153,12 +153,13 @@ class PackTrainer:
         total, count = torch.zeros(p, device=self.device), 0
         for step, start in enumerate(range(0, n, config.batch_size)):
             idx = order[:, start:start + config.batch_size]
-            if n <= config.batch_size:  # one batch of all rows: the loss does not see their order
-                x_img, x_txt, frozen = *self.rows, self._whole_frozen(lambdas[step])
-            else:
-                x_img, x_txt, frozen = self.rows[0][member, idx], self.rows[1][member, idx], None
+            x_img, x_txt = self.rows[0][member, idx], self.rows[1][member, idx]
+            # one batch of all rows: R_S reads them in stored order, whose frozen half never changes
+            whole = n <= config.batch_size and any(lam > 0 for lam in lambdas[step])
             loss, _ = self.loss(self.stack.forward(0, x_img), self.stack.forward(1, x_txt), x_img, x_txt,
-                                self.temperature, lambdas[step], table[step, 0], frozen=frozen)
+                                self.temperature, lambdas[step], table[step, 0],
+                                frozen=self._whole_frozen() if whole else None,
+                                order=torch.argsort(idx, dim=1) if whole else None)
             grads = list(torch.autograd.grad(loss.sum(), self.stack.params))  # members never mix
             if clipping:
                 self.stack.clip_(grads, self.clip)
@@ -168,11 +169,11 @@ class PackTrainer:
         self.steps += len(corrections)
         return total / count
 
-    def _whole_frozen(self, lambdas: list) -> Optional[tuple]:
+    def _whole_frozen(self) -> tuple:
         """The frozen half of R_S of every member's whole training subsample, in stored order:
-        with one batch an epoch it is the same every epoch (the batch order only permutes rows,
-        to which the loss is invariant), so it is made once; None while no member runs R_S."""
-        if self._whole is None and any(lam > 0 for lam in lambdas):
+        with one batch an epoch, R_S reads the batch in that order (as the trial alone does with
+        its Gram, ``trials.fast_loop``), so it is the same every epoch and made once."""
+        if self._whole is None:
             options = {k: v for k, v in self.loss.structure_options.items() if k in ("levels", "centering", "center_first")}
             self._whole = tuple(frozen_side(rows, self.temperature, **options) for rows in self.rows)
         return self._whole

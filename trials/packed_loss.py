@@ -349,13 +349,19 @@ class PackedAlignmentLoss:
 
     def __call__(self, image_aligned, text_aligned, image_original, text_original,
                  temperature: torch.Tensor, lambdas: list, lambda_t: torch.Tensor,
-                 frozen: Optional[tuple] = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 frozen: Optional[tuple] = None,
+                 order: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(overall, clip) per member. ``lambdas`` are λ as Python floats (which members run
         R_S is decided on the host), ``lambda_t`` the same as a [P] tensor; ``frozen`` the
-        (image, text) :class:`FrozenSide` of the originals, when cached."""
+        (image, text) :class:`FrozenSide` of the originals, when cached; ``order`` [P, n], when
+        given, the row order of the frozen side: R_S reads each member's aligned rows in it
+        (R_S is invariant to a permutation of both sides)."""
         if self.normalize_latents:
             image_aligned, text_aligned = safe_normalize(image_aligned, stacked=True), safe_normalize(text_aligned, stacked=True)
         clip = packed_clip_loss(image_aligned, text_aligned, temperature, self.workspace)
+        if order is not None:
+            image_aligned, text_aligned = (torch.gather(a, 1, order[..., None].expand_as(a))
+                                           for a in (image_aligned, text_aligned))
         active = tuple(i for i, lam in enumerate(lambdas) if lam > 0)
         if not active:
             return clip, clip
