@@ -93,6 +93,7 @@ class TrialTask:
 
 
 def layer_pair(trial: PlannedTrial) -> tuple[int, int]:
+    """(image layer, text layer): the features a trial reads."""
     return trial.config.image_layer, trial.config.text_layer
 
 
@@ -141,7 +142,7 @@ def run_task(task: TrialTask, features: FeatureSet, fetch: Fetch,
     ``context.report_epochs``; ``train`` is the trial function.
     """
     started = time.time()
-    inputs = _TaskInputs(task, features, fetch, context, train)
+    inputs = _TaskInputs(features, fetch, context, train)
     on_epoch = _epoch_reporter(report) if context.report_epochs and report else None
     packing = (context.pack and train is run_trial and on_epoch is None and len(task.trials) > 1
                and any(pack_key(t.config) is not None for t in task.trials))
@@ -169,12 +170,11 @@ def run_task(task: TrialTask, features: FeatureSet, fetch: Fetch,
 
 
 class _TaskInputs:
-    """A task's layers, each pair read once and only if a trial needs it: pooled features
+    """A task's layer pairs, each read once and only if a trial needs it: pooled features
     for pooled heads (trained by ``train``), token sets for token heads."""
 
-    def __init__(self, task: TrialTask, features: FeatureSet, fetch: Fetch, context: WorkerContext,
-                 train: Train):
-        self.task, self.features, self.fetch, self.context, self.train = task, features, fetch, context, train
+    def __init__(self, features: FeatureSet, fetch: Fetch, context: WorkerContext, train: Train):
+        self.features, self.fetch, self.context, self.train = features, fetch, context, train
         self._pooled: dict[tuple[int, int], TrialData] = {}
         self._tokens: dict[tuple[int, int], TokenTrialData] = {}
 
