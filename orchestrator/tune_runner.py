@@ -244,7 +244,7 @@ def waves(pending: list[PlannedTrial], features: FeatureSet, store: FeatureStore
     out: list[list[PlannedTrial]] = []
     for layer in sorted(by_layer):
         candidate = (out[-1] if out else []) + by_layer[layer]
-        if out and layer_bytes(store, features, _pairs(candidate)) <= budget:
+        if out and layer_bytes(store, features, [layer_pair(t) for t in candidate]) <= budget:
             out[-1] = candidate
         else:
             out.append(list(by_layer[layer]))
@@ -261,7 +261,8 @@ def group_tasks(pending: list[PlannedTrial], size: int) -> list[list[PlannedTria
     for t in pending:
         key = pack_key(t.config)
         groups[("shape", key) if key is not None else ("pair", layer_pair(t))].append(t)
-    ordered = sorted(groups.values(), key=lambda group: pack_key(group[0].config) is None)  # packs first
+    # packable shapes first, then the by-pair groups (stable: in planned order)
+    ordered = [group for _, group in sorted(groups.items(), key=lambda item: item[0][0] == "pair")]
     return [group[k:k + size] for group in ordered for k in range(0, len(group), size)]
 
 
@@ -275,10 +276,6 @@ def task_cost(trials: list[PlannedTrial], n_pairs: int) -> float:
         batch = max(min(config.batch_size, n), 1)
         total += config.epochs * math.ceil(n / batch) * batch**2 * (3 if config.structure_lambda > 0 else 1)
     return total
-
-
-def _pairs(trials: list[PlannedTrial]) -> list[tuple[int, int]]:
-    return [layer_pair(t) for t in trials]
 
 
 # --- features in the object store -----------------------------------------------------------

@@ -232,10 +232,9 @@ def _run_pack(members: list[int], trials, data_of: Callable[[PlannedTrial], Tria
     """Outcomes of one pack by trial index; empty when the pack failed as a whole (e.g. out of
     memory): its members then run one by one, as they would unpacked."""
     t0 = time.time()
-    data = [data_of(trials[i]) for i in members]
-    shared = data[0] if all(d is data[0] for d in data) else data  # one layer pair: shared rows
+    data = [data_of(trials[i]) for i in members]  # members of one layer pair share its rows
     try:
-        results = run_pack(shared, [trials[i].config for i in members], device=device)
+        results = run_pack(data, [trials[i].config for i in members], device=device)
     except Exception:  # noqa: BLE001 (the fallback is the unpacked path, with its own error rules)
         return {}
     end = time.time()

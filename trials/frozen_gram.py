@@ -13,6 +13,7 @@ from typing import Optional
 
 import torch
 
+from trials.fused_loss import one_member_temperature
 from trials.losses import safe_normalize
 from trials.packed_loss import FrozenSide, Workspace, frozen_buffers, frozen_from_similarity
 
@@ -67,5 +68,4 @@ def frozen_side_from_gram(gram: FrozenGram, rows: torch.Tensor, *, levels: int, 
     with torch.autocast(device_type=matrix.device.type, enabled=False):
         half_p, log_p = frozen_buffers(1, len(rows), levels, matrix, workspace)
         gram.similarity(rows, out=half_p[0][0], workspace=workspace or Workspace())
-        return frozen_from_similarity(half_p, log_p, torch.full((1,), temperature, dtype=matrix.dtype,
-                                                                  device=matrix.device))
+        return frozen_from_similarity(half_p, log_p, one_member_temperature(temperature, matrix))

@@ -17,10 +17,11 @@ from trials.losses import _check_structure_options
 from trials.packed_loss import FrozenSide, Workspace, packed_clip_loss, packed_structure_regularizer
 from trials.packed_loss import frozen_side as _frozen_sides
 
-__all__ = ["FrozenSide", "Workspace", "frozen_side", "fused_clip_loss", "fused_structure_regularizer"]
+__all__ = ["FrozenSide", "Workspace", "frozen_side", "fused_clip_loss", "fused_structure_regularizer",
+           "one_member_temperature"]
 
 
-def _temperatures(temperature: float, like: torch.Tensor) -> torch.Tensor:
+def one_member_temperature(temperature: float, like: torch.Tensor) -> torch.Tensor:
     """The one member's temperature as the [1] tensor the kernels read (no host sync)."""
     return torch.full((1,), temperature, dtype=like.dtype, device=like.device)
 
@@ -28,7 +29,7 @@ def _temperatures(temperature: float, like: torch.Tensor) -> torch.Tensor:
 def fused_clip_loss(image: torch.Tensor, text: torch.Tensor, temperature: float,
                     workspace: Optional[Workspace] = None) -> torch.Tensor:
     """:func:`trials.losses.clip_loss` with its gradient made in the forward."""
-    return packed_clip_loss(image[None], text[None], _temperatures(temperature, image), workspace)[0]
+    return packed_clip_loss(image[None], text[None], one_member_temperature(temperature, image), workspace)[0]
 
 
 @torch.no_grad()
@@ -40,7 +41,7 @@ def frozen_side(original: torch.Tensor, *, levels: int, temperature: float, cent
     scratch, valid until the next batch.
     """
     with torch.autocast(device_type=original.device.type, enabled=False):
-        return _frozen_sides(original[None], _temperatures(temperature, original), levels=levels,
+        return _frozen_sides(original[None], one_member_temperature(temperature, original), levels=levels,
                              centering=centering, center_first=center_first, workspace=workspace)
 
 
@@ -61,6 +62,6 @@ def fused_structure_regularizer(original: torch.Tensor, aligned: torch.Tensor, *
                          f"distance={distance!r}, divergence={divergence!r}; use trials.losses")
     with torch.autocast(device_type=aligned.device.type, enabled=False):
         return packed_structure_regularizer(
-            None if original is None else original[None], aligned[None], _temperatures(temperature, aligned),
+            None if original is None else original[None], aligned[None], one_member_temperature(temperature, aligned),
             levels=levels, weighting=weighting, margin=margin, centering=centering,
             center_first=center_first, frozen=frozen, workspace=workspace)[0]

@@ -87,6 +87,8 @@ class PackTrainer:
         self._frozen: dict[tuple, tuple] = {}
         self._frozen_bytes = 0
         self._whole: Optional[tuple] = None  # see _whole_frozen
+        self.frozen_options = {k: v for k, v in self.loss.structure_options.items()
+                               if k in ("levels", "centering", "center_first")}  # what frozen_side reads
         self._member_tensors()
         # the probe's neighbourhoods in the frozen spaces: per validation set, the same every epoch
         self.probe = [v[..., :PROBE_ROWS, :] for v in self.val]
@@ -174,8 +176,7 @@ class PackTrainer:
         with one batch an epoch, R_S reads the batch in that order (as the trial alone does with
         its Gram, ``trials.fast_loop``), so it is the same every epoch and made once."""
         if self._whole is None:
-            options = {k: v for k, v in self.loss.structure_options.items() if k in ("levels", "centering", "center_first")}
-            self._whole = tuple(frozen_side(rows, self.temperature, **options) for rows in self.rows)
+            self._whole = tuple(frozen_side(rows, self.temperature, **self.frozen_options) for rows in self.rows)
         return self._whole
 
     @torch.no_grad()
@@ -208,10 +209,9 @@ class PackTrainer:
         key = (source, start, temperature)
         if key in self._frozen:
             return self._frozen[key]
-        options = {k: v for k, v in self.loss.structure_options.items() if k in ("levels", "centering", "center_first")}
         t = torch.tensor([temperature], dtype=torch.float64, device=self.device)
         rows = (x_img, x_txt) if self.shared else (x_img[source], x_txt[source])
-        sides = tuple(frozen_side(x[None], t, **options) for x in rows)
+        sides = tuple(frozen_side(x[None], t, **self.frozen_options) for x in rows)
         size = sum(side.nbytes() for side in sides)
         if self._frozen_bytes + size <= VALIDATION_CACHE_BYTES:
             self._frozen[key], self._frozen_bytes = sides, self._frozen_bytes + size
